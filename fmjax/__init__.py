@@ -1,0 +1,1 @@
+"""fmjax: pretrain and adapt foundation models with JAX."""

@@ -1,0 +1,92 @@
+"""Config sections shared by every family, validation before any compute, and step durations.
+
+Every config file starts from `base_config()` and fills the family's `model`, `task` and `data`
+fields; the sections are the same everywhere (DESIGN.md): mode, seed, model, task, data, optim,
+mesh, sharding_rules, train, init_from.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from fmjax import sharding
+
+MODES = ("train", "eval", "sample")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"  # train | eval | sample
+    c.seed = 0
+    c.init_from = ""  # a workdir or checkpoints/<step> directory to take parameters from
+    c.model = ml_collections.ConfigDict()
+    c.task = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.warmup = 0.05  # < 1: a fraction of train.steps; >= 1: a number of steps
+    c.optim.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0  # global gradient norm clip; 0 disables
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16  # global, in sequences (or examples)
+    c.train.microbatches = 1  # gradient accumulation inside one step
+    c.train.log_every = 10
+    c.train.eval_every = 500  # also evaluated at the last step
+    c.train.eval_batches = 8
+    c.train.ckpt_every = 100  # also saved at the last step
+    c.train.keep_checkpoints = 3
+    c.train.progress_bar = True
+    return c
+
+
+def steps(value: float, total_steps: int) -> int:
+    """A duration given as steps (>= 1) or as a fraction of the run (< 1)."""
+    return int(round(value * total_steps)) if value < 1 else int(value)
+
+
+def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]:
+    """Checks everything a user can get wrong before any compilation; returns the mesh shape.
+
+    Raises ValueError with one line naming the field at fault.
+    """
+    if config.mode not in MODES:
+        raise ValueError(f"mode={config.mode!r}; valid: {list(MODES)}")
+    mesh = sharding.mesh_shape(config.mesh, num_devices)
+    train = config.train
+    for field in ("steps", "batch_size", "microbatches", "log_every", "eval_every", "ckpt_every",
+                  "eval_batches", "keep_checkpoints"):
+        if train[field] < 1:
+            raise ValueError(f"train.{field}={train[field]} must be >= 1")
+    data_parallel = mesh["data"] * mesh["fsdp"]
+    if train.batch_size % data_parallel:
+        raise ValueError(f"train.batch_size={train.batch_size} is not divisible by the data-parallel "
+                         f"size mesh.data*mesh.fsdp={data_parallel}")
+    if train.batch_size % (train.microbatches * process_count):
+        raise ValueError(f"train.batch_size={train.batch_size} is not divisible by "
+                         f"train.microbatches={train.microbatches} x {process_count} processes")
+    if (train.batch_size // train.microbatches) % data_parallel:
+        raise ValueError(f"train.batch_size / train.microbatches = {train.batch_size // train.microbatches}"
+                         f" is not divisible by the data-parallel size {data_parallel}")
+    if not 0 <= config.optim.warmup < config.train.steps:
+        raise ValueError(f"optim.warmup={config.optim.warmup} must be in [0, train.steps)")
+    for i, rule in enumerate(config.sharding_rules):
+        if len(rule) != 2:
+            raise ValueError(f"sharding_rules[{i}]={rule!r}: each rule is [logical_name, mesh_axis]")
+        axes = rule[1] if isinstance(rule[1], (list, tuple)) else [rule[1]]
+        for axis in axes:
+            if axis is not None and axis not in sharding.MESH_AXES:
+                raise ValueError(f"sharding_rules[{i}]={list(rule)!r}: mesh axis {axis!r} is not one "
+                                 f"of {list(sharding.MESH_AXES)}")
+    return mesh

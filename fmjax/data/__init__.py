@@ -1,0 +1,1 @@
+"""Data: text sources, the sentencepiece tokenizer and packed grain input pipelines."""

@@ -1,0 +1,187 @@
+"""The sentencepiece tokenizer: trained once per corpus and vocabulary size (cached), or loaded.
+
+Trained tokenizers keep text exactly: identity normalization, no whitespace collapsing, byte
+fallback for unseen characters, so decode(encode(text)) == text for any text. Sentencepiece's
+default dummy prefix stays on (a document's first word tokenizes like a word mid-text); the
+price is one extra "▁" piece-byte per encoded text, which decode removes again:
+sum(token_bytes[encode(text)]) == len(text.encode()) + 1 for any non-empty text.
+"""
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+from typing import Iterator, Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+from fmjax.data import sources
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = {"bpe": "bpe", "unigram": "unigram"}  # data.tokenizer_type -> sentencepiece type
+# Four special ids and 256 byte-fallback pieces come before any learned piece.
+MIN_VOCAB_SIZE = 4 + 256 + 1
+# Sentencepiece sees text in chunks of at most this many characters (cut at line breaks), and
+# at most _MAX_TRAIN_CHARS of the train split: plenty for a 32k vocabulary, and single-threaded
+# training stays within minutes (40M chars: ~15 s bpe, ~200 s unigram, ~1 GB of memory).
+_MAX_SENTENCE_CHARS = 4096
+_MAX_TRAIN_CHARS = 50_000_000
+_TRAINER_ARGS = dict(
+    byte_fallback=True,
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,  # Runs of indentation become single pieces.
+    split_digits=True,
+    max_sentence_length=4 * _MAX_SENTENCE_CHARS,  # Bytes; UTF-8 needs at most 4 per char.
+    # Single-threaded and without sentence sampling, training is a function of its input.
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    minloglevel=2,
+)
+
+
+class Tokenizer:
+    """A sentencepiece model with fmjax's special ids and per-token byte lengths."""
+
+    pad_id = PAD_ID
+    unk_id = UNK_ID
+    bos_id = BOS_ID
+    eos_id = EOS_ID
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size: int = self._sp.get_piece_size()
+        ids = {"pad": self._sp.pad_id(), "unk": self._sp.unk_id(), "bos": self._sp.bos_id(),
+               "eos": self._sp.eos_id()}
+        if ids != {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}:
+            raise ValueError(f"tokenizer {self.path} has special ids {ids}; fmjax needs "
+                             f"pad={PAD_ID}, unk={UNK_ID}, bos={BOS_ID}, eos={EOS_ID}")
+        self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)],
+                                    dtype=np.int32)
+
+    def _piece_bytes(self, i: int) -> int:
+        """Bytes piece `i` adds to decoded text (used as the bits-per-byte denominator)."""
+        if self._sp.is_control(i) or self._sp.is_unknown(i):
+            return 0  # Specials decode to nothing; byte fallback means unk is never produced.
+        if self._sp.is_byte(i):
+            return 1
+        return len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a sentencepiece .model file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer file {str(path)!r} does not exist")
+    try:
+        return Tokenizer(path)
+    except (RuntimeError, OSError) as e:
+        raise ValueError(f"{path} is not a sentencepiece .model file ({e})") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for tokenizer settings a user can get wrong (loads, never trains)."""
+    d = config.data
+    if d.tokenizer:
+        _load_configured(config)
+        return
+    if d.tokenizer_type not in MODEL_TYPES:
+        raise ValueError(f"data.tokenizer_type={d.tokenizer_type!r} is unknown; valid types are "
+                         f"{sorted(MODEL_TYPES)}")
+    if config.model.vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
+                         f"tokenizer; it needs at least {MIN_VOCAB_SIZE} (4 special ids, 256 "
+                         "byte-fallback pieces) plus one per distinct character of the corpus")
+
+
+def _load_configured(config: ml_collections.ConfigDict) -> Tokenizer:
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer: {e}") from None
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} "
+                         f"pieces but model.vocab_size={config.model.vocab_size}; make them equal")
+    return tokenizer
+
+
+def _sentences(source: sources.TextSource) -> Iterator[str]:
+    """Train-split text in pieces sentencepiece accepts, cut at line breaks, up to the budget."""
+    budget = _MAX_TRAIN_CHARS
+    for i in range(len(source)):
+        text = source[i]["text"]
+        chunk = ""
+        for line in text.splitlines(keepends=True):
+            while len(line) > _MAX_SENTENCE_CHARS:  # A line too long to keep whole.
+                yield line[:_MAX_SENTENCE_CHARS]
+                line = line[_MAX_SENTENCE_CHARS:]
+            if len(chunk) + len(line) > _MAX_SENTENCE_CHARS:
+                yield chunk
+                chunk = ""
+            chunk += line
+        if chunk:
+            yield chunk
+        budget -= len(text)
+        if budget <= 0:
+            return
+
+
+def _train(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
+    """Trains on the train split and writes `path` atomically (readers never see half a file)."""
+    source = sources.load_split(config, config.data.train_split)
+    vocab_size, kind = config.model.vocab_size, config.data.tokenizer_type
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=_sentences(source), model_writer=model,
+                                       vocab_size=vocab_size, model_type=MODEL_TYPES[kind],
+                                       **_TRAINER_ARGS)
+    except RuntimeError as e:
+        # Sentencepiece states the valid range itself ("Please set it to a value <= 4736").
+        reason = re.sub(r"^.*?\] ", "", str(e))
+        raise ValueError(f"cannot train a {kind} tokenizer with model.vocab_size={vocab_size} on "
+                         f"{source.name}: {reason} (change model.vocab_size or "
+                         "data.tokenizer_type, or use a larger corpus)") from None
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> pathlib.Path:
+    """Where the tokenizer trained for this config's corpus, size and type is cached."""
+    key = json.dumps([sources.dataset_id(config), config.model.vocab_size,
+                      config.data.tokenizer_type, _TRAINER_ARGS, _MAX_SENTENCE_CHARS,
+                      _MAX_TRAIN_CHARS], sort_keys=True)
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return sources.cache_dir(config) / "tokenizers" / f"{name}.model"
+
+
+def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer data.tokenizer names, else one trained on the train split (cached)."""
+    validate(config)
+    if config.data.tokenizer:
+        return _load_configured(config)
+    path = tokenizer_path(config)
+    if not path.exists():
+        with sources.locked(path.with_suffix(".lock")):
+            if not path.exists():  # Another process may have trained it while we waited.
+                _train(config, path)
+    return Tokenizer(path)

@@ -1,0 +1,26 @@
+"""Held-out evaluation: sums a task's eval metrics over its eval batches; writes eval/results.json."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+
+def evaluate(eval_step, params, batches, task, to_global) -> dict:
+    sums = None
+    for batch in batches:
+        out = jax.device_get(eval_step(params, to_global(batch)))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    return task.eval_results({k: float(v) for k, v in sums.items()})
+
+
+def write_results(workdir: str, step: int, split: str, results: dict) -> str:
+    path = os.path.join(workdir, "eval", "results.json")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": step, "split": split, **results}, f, indent=2)
+        os.replace(path + ".tmp", path)
+    return path

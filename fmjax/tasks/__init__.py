@@ -1,0 +1,50 @@
+"""Tasks: objective = (model, batch spec, loss, eval metrics). The trainer takes any Task.
+
+A task is the only place that knows both what a batch holds and what the loss is.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import flax.linen as nn
+import jax
+
+
+class Task(Protocol):
+    model: nn.Module
+    unit: str  # what throughput counts: "tokens" or "examples"
+
+    def abstract_batch(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a global batch (used for init and shardings)."""
+
+    def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(summed training objective, summed metrics incl. `weight` = units the loss averages over)."""
+
+    def eval_sums(self, params, batch) -> dict[str, jax.Array]:
+        """Per-batch sums that eval_results turns into final metrics."""
+
+    def eval_results(self, sums: dict[str, float]) -> dict[str, float]:
+        ...
+
+    def units_per_example(self) -> int:
+        ...
+
+    def flops_per_unit(self) -> float:
+        """Training FLOPs (forward + backward) per token / example, for MFU."""
+
+    def train_iterator(self, process_index: int, process_count: int) -> Iterator[dict[str, Any]]:
+        """A checkpointable (get_state / set_state) iterator over this process's batches."""
+
+    def eval_batches(self, process_index: int, process_count: int) -> list[dict[str, Any]]:
+        ...
+
+    def write_samples(self, params, workdir: str, step: int) -> str | None:
+        """Writes a few samples under workdir/samples; returns the path."""
+
+
+def build_task(config, workdir: str) -> Task:
+    from fmjax.tasks import lm  # local import keeps the registry import light
+    tasks = {"lm": lm.LMTask.build}
+    if config.task.name not in tasks:
+        raise ValueError(f"task.name={config.task.name!r} is not a registered task; valid: {sorted(tasks)}")
+    return tasks[config.task.name](config, workdir)

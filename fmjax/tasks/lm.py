@@ -1,0 +1,118 @@
+"""Next-token prediction with a loss mask (pretraining and SFT share it), plus z-loss.
+
+Loss normalisation is by tokens: the task returns sums and the step divides by the total number
+of loss tokens of the whole (accumulated) batch, so packing, padding and masks weigh every real
+token equally. Shapes: B batch, L sequence, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax.data import pipeline, tokenizer as tokenizer_lib
+from fmjax.models import get_model
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def token_losses(logits_BxLxV, targets_BxL):
+    """Per-token cross-entropy and log-partition (for z-loss), in float32."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+    return log_z_BxL - target_logit_BxL, log_z_BxL
+
+
+class LMTask:
+    unit = "tokens"
+
+    def __init__(self, config, tokenizer: tokenizer_lib.Tokenizer):
+        model_config_cls, model_cls = get_model(config.model.name)
+        self.config = config
+        self.model_config = model_config_cls.from_config(config.model)
+        self.model_config.validate()
+        self.model = model_cls(self.model_config)
+        self.tokenizer = tokenizer
+        self.seq_len = config.data.seq_len
+        self.z_loss = config.task.z_loss
+        self.token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
+
+    @classmethod
+    def build(cls, config, workdir: str) -> "LMTask":
+        """The tokenizer travels with the workdir: reuse the run's own, else train/load and copy it."""
+        own = os.path.join(workdir, TOKENIZER_FILE)
+        if os.path.exists(own):
+            tok = tokenizer_lib.load_tokenizer(own)
+        else:
+            tok = tokenizer_lib.get_tokenizer(config)
+            os.makedirs(workdir, exist_ok=True)
+            shutil.copyfile(tok.path, own + ".tmp")
+            os.replace(own + ".tmp", own)
+        if tok.vocab_size != config.model.vocab_size:
+            raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tok.path} "
+                             f"has {tok.vocab_size} pieces")
+        return cls(config, tok)
+
+    def abstract_batch(self, batch_size):
+        shape = (batch_size, self.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+                 for k in ("inputs", "targets", "segment_ids", "positions")}
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return batch
+
+    def logits(self, params, batch):
+        return self.model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                batch["segment_ids"])
+
+    def loss(self, params, batch, rng):
+        del rng  # the decoder has no dropout
+        ce_BxL, log_z_BxL = token_losses(self.logits(params, batch), batch["targets"])
+        mask_BxL = batch["loss_mask"]
+        ce_sum = jnp.sum(ce_BxL * mask_BxL)
+        z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
+        return ce_sum + self.z_loss * z_sum, {"weight": jnp.sum(mask_BxL), "loss": ce_sum, "z_loss": z_sum}
+
+    def eval_sums(self, params, batch):
+        ce_BxL, _ = token_losses(self.logits(params, batch), batch["targets"])
+        mask_BxL = batch["loss_mask"]
+        return {"nats": jnp.sum(ce_BxL * mask_BxL), "tokens": jnp.sum(mask_BxL),
+                "bytes": jnp.sum(self.token_bytes[batch["targets"]] * mask_BxL)}
+
+    def eval_results(self, sums):
+        loss = sums["nats"] / sums["tokens"]
+        return {"loss": loss, "perplexity": math.exp(loss),
+                "bits_per_byte": sums["nats"] / math.log(2) / sums["bytes"],
+                "tokens": int(sums["tokens"]), "bytes": int(sums["bytes"])}
+
+    def units_per_example(self):
+        return self.seq_len
+
+    def flops_per_unit(self):
+        return self.model_config.flops_per_token(self.seq_len)
+
+    def train_iterator(self, process_index, process_count):
+        return pipeline.make_train_iterator(self.config, self.tokenizer, process_index, process_count)
+
+    def eval_batches(self, process_index, process_count):
+        return pipeline.make_eval_batches(self.config, self.tokenizer, process_index, process_count)
+
+    def write_samples(self, params, workdir, step):
+        from fmjax.infer import naive_sample
+        cfg = self.config.task
+        prompts = list(cfg.sample_prompts)
+        if not prompts:
+            return None
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
+        texts = naive_sample.sample(self.model, params, self.tokenizer, prompts, cfg.sample_tokens,
+                                    cfg.sample_temperature, rng)
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        path = os.path.join(workdir, "samples", f"step_{step}.txt")
+        with open(path, "w") as f:
+            for prompt, text in zip(prompts, texts):
+                f.write(f"### prompt: {prompt}\n{prompt}{text}\n\n")
+        return path

@@ -1,0 +1,1 @@
+"""The one trainer shared by every model family."""

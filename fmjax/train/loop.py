@@ -1,0 +1,157 @@
+"""The loop: restore or init, step, log, eval, checkpoint; and the eval / sample entry points.
+
+The loop dispatches step n+1 before reading step n's metrics: metrics leave the device only at
+log steps, so the host never waits on the device in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from fmjax import sharding
+from fmjax.eval import heldout
+from fmjax.tasks import Task, build_task
+from fmjax.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything derived from (config, workdir) before any compilation."""
+    config: object
+    workdir: str
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    task: Task
+    tx: object
+    abstract: state_lib.TrainState
+    shardings: state_lib.TrainState
+    batch_sharding: jax.sharding.NamedSharding
+
+    def to_global(self, local_batch: dict):
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
+
+    def eval_step(self):
+        return step_lib.jit_eval_step(self.task, self.shardings.params, self.batch_sharding, self.mesh)
+
+
+def setup(config, workdir: str, devices=None) -> Run:
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    task = build_task(config, workdir)
+    tx = optim.optimizer(config)
+    abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh, rules)
+    return Run(config, workdir, mesh, rules, task, tx, abstract, shardings,
+               sharding.batch_sharding(mesh, rules))
+
+
+def write_config(config, workdir: str):
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+
+
+def train(config, workdir: str, devices=None, hooks=()) -> dict:
+    """Trains (resuming from the newest checkpoint in workdir); returns the final eval results.
+
+    `hooks` are called as hook(step, state, metrics) after every step (Levanter-style); a hook
+    that raises stops the run, after any checkpoint save in flight has completed.
+    """
+    write_config(config, workdir)
+    run = setup(config, workdir, devices)
+    cfg = config.train
+    ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
+    data = run.task.train_iterator(jax.process_index(), jax.process_count())
+    start = ckpts.latest_step() or 0
+    if start:
+        state, data_state = ckpts.restore(start, run.abstract)
+        data.set_state(data_state)
+        print(f"resumed from {ckpts.directory}/{start}", flush=True)
+    else:
+        state = state_lib.init_state(run.task, run.tx, config.seed, run.abstract, run.shardings)
+        if config.init_from:
+            state = state.replace(params=checkpoint.restore_params(config.init_from, run.abstract.params))
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches),
+        run.shardings, run.batch_sharding, run.mesh)
+    eval_step, eval_batches = run.eval_step(), None
+    writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, cfg.progress_bar)
+    peak = metrics_lib.peak_flops(run.mesh.devices.flatten().tolist())
+    units_per_step = cfg.batch_size * run.task.units_per_example()
+    config_dict = json.loads(config.to_json_best_effort())
+    results = {}
+    try:
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+            last_time, last_step = time.perf_counter(), start
+            for step in range(start + 1, cfg.steps + 1):
+                state, step_metrics = train_step(state, run.to_global(next(data)))
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    record = jax.device_get(step_metrics)
+                    elapsed = time.perf_counter() - last_time
+                    rate = units_per_step * (step - last_step) / elapsed
+                    record[f"{run.task.unit}_per_s"] = rate
+                    record["mfu"] = rate * run.task.flops_per_unit() / peak
+                    record.pop("weight", None)
+                    writer.write(step, record)
+                    writer.advance(step - last_step, loss=float(record["loss"]),
+                                   **{f"{run.task.unit}/s": rate})
+                    last_time, last_step = time.perf_counter(), step
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    eval_batches = eval_batches or run.task.eval_batches(jax.process_index(),
+                                                                         jax.process_count())
+                    results = heldout.evaluate(eval_step, state.params, eval_batches, run.task,
+                                               run.to_global)
+                    writer.write(step, {f"eval_{k}": v for k, v in results.items()})
+                    heldout.write_results(workdir, step, config.data.eval_split, results)
+                    last_time = time.perf_counter()  # eval time is not training throughput
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    ckpts.save(step, state, data.get_state(), config_dict)
+                for hook in hooks:
+                    hook(step, state, step_metrics)
+        if start < cfg.steps:  # samples run unconstrained: a few prompts need not fill the mesh
+            run.task.write_samples(state.params, workdir, cfg.steps)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        writer.close()
+    return results
+
+
+def _restore_latest(run: Run, workdir: str):
+    ckpts = checkpoint.Checkpoints(workdir, run.config.train.keep_checkpoints)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ValueError(f"--workdir={workdir}: no committed checkpoint under {ckpts.directory}; "
+                         f"train first (mode=train)")
+    state, _ = ckpts.restore(step, run.abstract)
+    ckpts.close()
+    return state, step
+
+
+def evaluate(config, workdir: str, devices=None) -> dict:
+    """mode=eval: held-out metrics and samples of the newest checkpoint in workdir."""
+    run = setup(config, workdir, devices)
+    state, step = _restore_latest(run, workdir)
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        batches = run.task.eval_batches(jax.process_index(), jax.process_count())
+        results = heldout.evaluate(run.eval_step(), state.params, batches, run.task, run.to_global)
+        path = heldout.write_results(workdir, step, config.data.eval_split, results)
+    samples = run.task.write_samples(state.params, workdir, step)
+    print(f"eval at step {step}: {json.dumps(results)}\nwrote {path} and {samples}", flush=True)
+    return results
+
+
+def sample(config, workdir: str, devices=None) -> str:
+    """mode=sample: writes samples of the newest checkpoint in workdir."""
+    run = setup(config, workdir, devices)
+    state, step = _restore_latest(run, workdir)
+    path = run.task.write_samples(state.params, workdir, step)
+    print(open(path).read() + f"wrote {path}", flush=True)
+    return path

@@ -1,0 +1,58 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+Gradient accumulation runs inside the step (lax.scan over microbatches) on summed losses, so M
+microbatches give the same update as one M-times larger batch. Shapes: B batch, M microbatches.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fmjax.sharding import replicated
+from fmjax.train.state import TrainState
+
+
+def _split_microbatches(batch, m):
+    # Row i of microbatch j is row i*m + j: every microbatch keeps rows from every data shard.
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(task, tx, lr_schedule, microbatches: int):
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+
+    def train_step(state: TrainState, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if microbatches == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rng)
+        else:
+            def accumulate(carry, xs):
+                i, micro = xs
+                (_, s), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (s, g)), None
+
+            micro = _split_microbatches(batch, microbatches)
+            sums_shape = jax.eval_shape(task.loss, state.params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+            zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+                     jax.tree.map(jnp.zeros_like, state.params))
+            (sums, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
+        weight = jnp.maximum(sums["weight"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
+        metrics.update(grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step),
+                       weight=sums["weight"])
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state_shardings, batch_sharding, mesh):
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_eval_step(task, params_shardings, batch_sharding, mesh):
+    return jax.jit(task.eval_sums, in_shardings=(params_shardings, batch_sharding),
+                   out_shardings=replicated(mesh))

@@ -1,0 +1,155 @@
+"""Tests for fmjax.data.sources: the pydoc corpus, local files as TFDS, and input errors."""
+
+import json
+
+import ml_collections
+import pytest
+
+from fmjax.data import sources
+
+
+def make_config(cache_dir, **data) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict({
+        "seed": 0,
+        "model": {"vocab_size": 512},
+        "train": {"batch_size": 4, "eval_batches": 4},
+        "data": {"source": "pydoc", "path": "", "text_field": "text", "tfds_name": "",
+                 "doc_separator": "", "train_split": "train", "eval_split": "validation",
+                 "validation_fraction": 0.05, "seq_len": 64, "cache_dir": str(cache_dir),
+                 "tokenizer": "", "tokenizer_type": "bpe", "read_threads": 0},
+    })
+    config.data.update(data)
+    return config
+
+
+def texts(source) -> list[str]:
+    return [source[i]["text"] for i in range(len(source))]
+
+
+def splits(config) -> tuple[list[str], list[str]]:
+    return (texts(sources.load_split(config, "train")),
+            texts(sources.load_split(config, "validation")))
+
+
+DOCS = [f"Document number {i}.\nIt has two lines about topic {i * 7 % 13}." for i in range(40)]
+
+
+def test_pydoc_splits_are_disjoint_complete_and_deterministic(tmp_path):
+    train, val = splits(make_config(tmp_path / "a"))
+    assert train and val
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(sources.pydoc_documents())
+    assert all(sources.is_validation(t, 0.05) for t in val)
+    assert all(not sources.is_validation(t, 0.05) for t in train)
+    # A separately prepared copy reads back in the same order: nothing depends on an RNG.
+    assert splits(make_config(tmp_path / "b")) == (train, val)
+
+
+def test_pydoc_documents_are_whole_paragraphs_of_bounded_size():
+    docs = list(sources.pydoc_documents())
+    assert 200 < len(docs) < 1000
+    for doc in docs:
+        assert doc.strip() and doc == doc.rstrip()
+        # Only a single paragraph longer than the limit may exceed it.
+        assert len(doc) <= 1500 or "\n\n" not in doc
+
+
+def test_text_file_blank_line_blocks(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n\n".join(DOCS) + "\n")
+    train, val = splits(make_config(tmp_path, source="text", path=str(path),
+                                    validation_fraction=0.3))
+    assert train and val and sorted(train + val) == sorted(DOCS)
+
+
+def test_text_file_with_separator(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text("<|endoftext|>\n".join(d + "\n" for d in DOCS))
+    train, val = splits(make_config(tmp_path, source="text", path=str(path),
+                                    doc_separator="<|endoftext|>", validation_fraction=0.3))
+    assert sorted(train + val) == sorted(DOCS)
+
+
+def test_jsonl_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"id": i, "body": d}) for i, d in enumerate(DOCS)))
+    train, val = splits(make_config(tmp_path, source="jsonl", path=str(path), text_field="body",
+                                    validation_fraction=0.3))
+    assert sorted(train + val) == sorted(DOCS)
+
+
+def test_same_input_is_reused_and_changed_input_is_not(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(DOCS))
+    config = make_config(tmp_path / "cache", source="text", path=str(path),
+                         validation_fraction=0.3)
+    first = sources.dataset_id(config)
+    sources.load_split(config, "train")
+    assert sources.dataset_id(config) == first
+    path.write_text("\n\n".join(DOCS[:-1]))
+    assert sources.dataset_id(config) != first
+    assert len(texts(sources.load_split(config, "train"))) + len(
+        texts(sources.load_split(config, "validation"))) == len(DOCS) - 1
+    prepared = list((tmp_path / "cache" / "tfds" / "local_text").iterdir())
+    assert len(prepared) == 2
+
+
+def test_unknown_source_lists_valid_ones(tmp_path):
+    valid = r"\['jsonl', 'pydoc', 'text', 'tfds'\]"
+    with pytest.raises(ValueError, match="data.source=.wiki. is unknown; valid sources are " + valid):
+        sources.validate(make_config(tmp_path, source="wiki"))
+
+
+def test_missing_or_empty_path(tmp_path):
+    with pytest.raises(ValueError, match="data.path, which is empty"):
+        sources.validate(make_config(tmp_path, source="text"))
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match=f"data.path='{missing}' does not exist"):
+        sources.validate(make_config(tmp_path, source="text", path=missing))
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="contains no documents"):
+        sources.validate(make_config(tmp_path, source="text", path=str(tmp_path / "blank.txt")))
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
+    path.write_text('{"text": "fine"}\n\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=f"{path}:3: has no field data.text_field='text'.*body"):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
+
+
+def test_non_utf8_text_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}:2: not valid UTF-8"):
+        sources.validate(make_config(tmp_path, source="text", path=str(path)))
+
+
+def test_empty_validation_split_says_to_raise_fraction(tmp_path):
+    path = tmp_path / "few.txt"
+    path.write_text("one\n\ntwo\n\nthree")
+    config = make_config(tmp_path, source="text", path=str(path), validation_fraction=0.01)
+    assert not any(sources.is_validation(d, 0.01) for d in ["one", "two", "three"])
+    with pytest.raises(ValueError, match="validation split .* empty.*; raise data.validation_"):
+        sources.load_split(config, "train")
+
+
+def test_bad_fraction_and_split_names(tmp_path):
+    with pytest.raises(ValueError, match="data.validation_fraction=0.0 must be in"):
+        sources.validate(make_config(tmp_path, validation_fraction=0.0))
+    with pytest.raises(ValueError, match=r"data.eval_split='test'.*\['train', 'validation'\]"):
+        sources.validate(make_config(tmp_path, eval_split="test"))
+
+
+def test_tfds_source_is_checked_without_downloading(tmp_path):
+    sources.validate(make_config(tmp_path, source="tfds", tfds_name="lm1b"))
+    with pytest.raises(ValueError, match="data.tfds_name='lm1bb' is not a registered TFDS "
+                       r"dataset; did you mean one of \['lm1b'"):
+        sources.validate(make_config(tmp_path, source="tfds", tfds_name="lm1bb"))
+    with pytest.raises(ValueError, match=r"data.text_field='story'.*\['text'\]"):
+        sources.validate(make_config(tmp_path, source="tfds", tfds_name="lm1b", text_field="story"))
+    assert not (tmp_path / "tfds" / "lm1b").exists() or not any(
+        (tmp_path / "tfds" / "lm1b").rglob("*.array_record*"))
