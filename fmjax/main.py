@@ -13,6 +13,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of this run (resumes if it has checkpoints).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first (coordinator and process "
+    "ids from the cluster: TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
 
 
 def _fail(message: str):
@@ -36,9 +39,13 @@ def _parse_flags(argv):
 
 def main(argv):
     import jax
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 brings it back
+        logging.set_verbosity(logging.WARNING)
 
     from fmjax import config_lib
-    from fmjax.data import sources
+    from fmjax.data import pipeline
     from fmjax.train import loop
 
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -46,9 +53,11 @@ def main(argv):
         _fail("--config is required, e.g. --config configs/lm/tiny.py")
     if not workdir:
         _fail("--workdir is required: the directory of this run")
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
-        sources.validate(config)
+        pipeline.validate(config, jax.process_count())
         modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample}
         modes[config.mode](config, workdir)
     except ValueError as e:

@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def sample(model, params, tokenizer, prompts, max_new_tokens: int, temperature: float, rng):
+def sample(model, params, tokenizer, prompts, max_new_tokens: int, temperature: float, rng) -> list[str]:
+    """Each prompt followed by its continuation (up to eos), decoded as one text.
+
+    Decoding prompt and continuation together keeps the space a sentencepiece word-start piece
+    carries at the join.
+    """
     encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     lengths = np.array([len(e) for e in encoded], np.int32)
     total = int(lengths.max()) + max_new_tokens
@@ -25,7 +30,7 @@ def sample(model, params, tokenizer, prompts, max_new_tokens: int, temperature: 
         new = out[row, length:length + max_new_tokens].tolist()
         if tokenizer.eos_id in new:
             new = new[:new.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode(new))
+        texts.append(tokenizer.decode(out[row, 1:length].tolist() + new))
     return texts
 
 

@@ -13,12 +13,9 @@ from fmjax.nn.rope import apply_rope
 IMPLEMENTATIONS = ("xla", "cudnn")
 
 
-def causal_segment_mask(segment_ids_BxL):
-    """True where query l may attend key s: s <= l and both in the same packed document."""
-    length = segment_ids_BxL.shape[-1]
-    causal_LxS = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return (causal_LxS[None] & same_BxLxS)[:, None]  # B x 1 x L x S
+def segment_mask(segment_ids_BxL):
+    """True where query l and key s lie in the same packed document (causality is separate)."""
+    return (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]  # B x 1 x L x S
 
 
 class Attention(nn.Module):
@@ -41,8 +38,9 @@ class Attention(nn.Module):
         q_BxLxNxE = nn.with_logical_constraint(q_BxLxNxE, ("act_batch", "act_seq", "act_heads", None))
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("act_batch", "act_seq", "act_kv_heads", None))
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("act_batch", "act_seq", "act_kv_heads", None))
-        mask = causal_segment_mask(segment_ids_BxL)
+        # is_causal lets cuDNN skip the upper triangle; XLA folds it into the segment mask.
         out_BxLxNxE = jax.nn.dot_product_attention(
-            q_BxLxNxE, k_BxSxKxE, v_BxSxKxE, mask=mask, implementation=self.implementation)
+            q_BxLxNxE, k_BxSxKxE, v_BxSxKxE, mask=segment_mask(segment_ids_BxL), is_causal=True,
+            implementation=self.implementation)
         out_BxLxNxE = nn.with_logical_constraint(out_BxLxNxE, ("act_batch", "act_seq", "act_heads", None))
         return dense(width, ("heads", "head_dim", "embed"), self.dtype, "out", n_contract=2)(out_BxLxNxE)

@@ -114,5 +114,5 @@ class LMTask:
         path = os.path.join(workdir, "samples", f"step_{step}.txt")
         with open(path, "w") as f:
             for prompt, text in zip(prompts, texts):
-                f.write(f"### prompt: {prompt}\n{prompt}{text}\n\n")
+                f.write(f"### prompt: {prompt}\n{text}\n\n")
         return path
