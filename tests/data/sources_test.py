@@ -6,20 +6,11 @@ import ml_collections
 import pytest
 
 from fmjax.data import sources
+from tests.data.common import data_config
 
 
 def make_config(cache_dir, **data) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict({
-        "seed": 0,
-        "model": {"vocab_size": 512},
-        "train": {"batch_size": 4, "eval_batches": 4},
-        "data": {"source": "pydoc", "path": "", "text_field": "text", "tfds_name": "",
-                 "doc_separator": "", "train_split": "train", "eval_split": "validation",
-                 "validation_fraction": 0.05, "seq_len": 64, "cache_dir": str(cache_dir),
-                 "tokenizer": "", "tokenizer_type": "bpe", "read_threads": 0},
-    })
-    config.data.update(data)
-    return config
+    return data_config(cache_dir, **data)
 
 
 def texts(source) -> list[str]:

@@ -5,26 +5,12 @@ import numpy as np
 import pytest
 
 from fmjax.data import sources
+from tests.data.common import cache, data_config  # noqa: F401  (cache is a fixture)
 from fmjax.data import tokenizer as tokenizer_lib
 
 
 def make_config(cache_dir, vocab_size=512, **data) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict({
-        "seed": 0,
-        "model": {"vocab_size": vocab_size},
-        "train": {"batch_size": 4, "eval_batches": 4},
-        "data": {"source": "pydoc", "path": "", "text_field": "text", "tfds_name": "",
-                 "doc_separator": "", "train_split": "train", "eval_split": "validation",
-                 "validation_fraction": 0.05, "seq_len": 64, "cache_dir": str(cache_dir),
-                 "tokenizer": "", "tokenizer_type": "bpe", "read_threads": 0},
-    })
-    config.data.update(data)
-    return config
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    return data_config(cache_dir, vocab_size, **data)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs.lm import tiny
-from fmjax.train import loop, state as state_lib
+from fmjax.train import checkpoint, loop, state as state_lib
 
 
 def small_config(tmp_path, **train):
@@ -82,3 +82,20 @@ def test_stop_after_a_checkpoint_then_rerun_equals_uninterrupted(tmp_path):
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 13))  # steps 6-8 were logged again, not twice
     assert resumed == full  # bitwise equal floats
+
+
+def test_init_from_takes_the_parameters_of_another_run_in_a_new_layout(tmp_path):
+    source = small_config(tmp_path, steps=2)
+    loop.train(source, str(tmp_path / "source"))
+    trained, _ = checkpoint.Checkpoints(str(tmp_path / "source"), 1).restore(
+        2, loop.setup(source, str(tmp_path / "source")).abstract)
+
+    target = small_config(tmp_path)
+    target.mesh.update(data=1, fsdp=4, tensor=2)
+    run = loop.setup(target, str(tmp_path / "target"))
+    params = checkpoint.restore_params(str(tmp_path / "source"), run.abstract.params)
+    jax.tree.map(np.testing.assert_array_equal, params, trained.params)
+    kernel = params["layers"]["mlp"]["wi_gate"]["kernel"]
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    with pytest.raises(ValueError, match="no committed checkpoint"):
+        checkpoint.restore_params(str(tmp_path / "target"), run.abstract.params)

@@ -87,3 +87,19 @@ def test_learning_rate_warms_up_then_decays():
     assert float(lr(0)) == 0.0
     np.testing.assert_allclose(float(lr(10)), config.optim.lr, rtol=1e-6)
     np.testing.assert_allclose(float(lr(100)), config.optim.lr * config.optim.min_lr_ratio, rtol=1e-5)
+
+
+def test_golden_metrics_of_two_tiny_steps():
+    """Pins init, loss, z-loss, clipping and AdamW together against unnoticed changes.
+
+    Update these numbers only for a deliberate change to initialisation, the loss or the optimizer
+    (or a jax/flax upgrade in constraints.txt that moves float32 results), and say so in the commit.
+    """
+    config = tiny_config()
+    batch = random_batch(config, pad_from=[16, 3, 9, 16, 1, 12, 5, 16])
+    _, state, step = make(config)
+    state, first = step(state, batch)
+    _, second = step(state, batch)
+    np.testing.assert_allclose([first["loss"], first["z_loss"], first["grad_norm"]],
+                               [4.539107, 21.296295, 15.004436], rtol=2e-5)
+    np.testing.assert_allclose([second["loss"], second["grad_norm"]], [3.631950, 10.479939], rtol=2e-5)

@@ -1,0 +1,29 @@
+"""Every shipped config loads, validates and trains two steps (shrunk to seconds on CPU)."""
+from pathlib import Path
+
+import importlib.util
+
+import jax
+import pytest
+
+from fmjax import config_lib
+from fmjax.data import pipeline
+from fmjax.train import loop
+
+CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).stem)
+def test_config_trains_two_steps(tmp_path, path):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.cache_dir = str(tmp_path / "cache")
+    config.train.update(steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1, ckpt_every=2,
+                        progress_bar=False)
+    config.task.sample_tokens = 2
+    config_lib.validate(config, jax.device_count())
+    pipeline.validate(config)
+    results = loop.train(config, str(tmp_path / "run"))
+    assert results["loss"] > 0 and (tmp_path / "run" / "checkpoints" / "2").is_dir()
