@@ -46,7 +46,7 @@ def main(argv):
 
     from fmjax import config_lib
     from fmjax.data import pipeline
-    from fmjax.train import loop
+    from fmjax.train import checkpoint, loop
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None:
@@ -55,13 +55,18 @@ def main(argv):
         _fail("--workdir is required: the directory of this run")
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
+    # Everything a user can get wrong surfaces here, before any compilation; errors after this
+    # point are bugs and keep their tracebacks.
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
         pipeline.validate(config, jax.process_count())
-        modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample}
-        modes[config.mode](config, workdir)
+        if config.mode != "train":
+            checkpoint.require_latest_step(workdir)
+        run = loop.setup(config, workdir)
     except ValueError as e:
         _fail(str(e))
+    modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample}
+    modes[config.mode](run)
     if config.mode == "train":
         print(_outputs(workdir), flush=True)
 

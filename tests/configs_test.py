@@ -25,5 +25,5 @@ def test_config_trains_two_steps(tmp_path, path):
     config.task.sample_tokens = 2
     config_lib.validate(config, jax.device_count())
     pipeline.validate(config)
-    results = loop.train(config, str(tmp_path / "run"))
+    results = loop.train(loop.setup(config, str(tmp_path / "run")))
     assert results["loss"] > 0 and (tmp_path / "run" / "checkpoints" / "2").is_dir()

@@ -27,6 +27,7 @@ def cli(workdir, *overrides, devices=1, mode_args=()):
     (["--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt"], 1, "/nonexistent/corpus.txt"),
     (["--config.data.source=wiki"], 1, "data.source='wiki'"),
     (["--config.model.attention=flash"], 1, "model.attention='flash'"),
+    (["--config.mode=eval"], 1, "no committed checkpoint under"),
 ])
 def test_bad_input_fails_before_compilation_with_one_clear_line(tmp_path, overrides, devices, message):
     result = cli(tmp_path / "run", *overrides, devices=devices)

@@ -40,6 +40,19 @@ class Checkpoints:
         self.manager.close()
 
 
+def require_latest_step(workdir: str) -> int:
+    """The newest committed step under workdir/checkpoints; ValueError naming the workdir if none."""
+    directory, step = os.path.abspath(os.path.join(workdir, "checkpoints")), None
+    if os.path.isdir(directory):  # Checkpoints() would create it
+        ckpts = Checkpoints(workdir, keep=1)
+        step = ckpts.latest_step()
+        ckpts.close()
+    if step is None:
+        raise ValueError(f"--workdir={workdir}: no committed checkpoint under {directory}; "
+                         f"train first (mode=train)")
+    return step
+
+
 def restore_params(path: str, abstract_params):
     """Parameters from `path`: a workdir (its latest step) or a `checkpoints/<step>` directory."""
     path = os.path.abspath(path)

@@ -58,14 +58,14 @@ def write_config(config, workdir: str):
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
 
-def train(config, workdir: str, devices=None, hooks=()) -> dict:
-    """Trains (resuming from the newest checkpoint in workdir); returns the final eval results.
+def train(run: Run, hooks=()) -> dict:
+    """Trains (resuming from the newest checkpoint in the workdir); returns the final eval results.
 
     `hooks` are called as hook(step, state, metrics) after every step (Levanter-style); a hook
     that raises stops the run, after any checkpoint save in flight has completed.
     """
+    config, workdir = run.config, run.workdir
     write_config(config, workdir)
-    run = setup(config, workdir, devices)
     cfg = config.train
     ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
     data = run.task.train_iterator(jax.process_index(), jax.process_count())
@@ -124,21 +124,18 @@ def train(config, workdir: str, devices=None, hooks=()) -> dict:
     return results
 
 
-def _restore_latest(run: Run, workdir: str):
-    ckpts = checkpoint.Checkpoints(workdir, run.config.train.keep_checkpoints)
-    step = ckpts.latest_step()
-    if step is None:
-        raise ValueError(f"--workdir={workdir}: no committed checkpoint under {ckpts.directory}; "
-                         f"train first (mode=train)")
+def _restore_latest(run: Run):
+    step = checkpoint.require_latest_step(run.workdir)
+    ckpts = checkpoint.Checkpoints(run.workdir, run.config.train.keep_checkpoints)
     state, _ = ckpts.restore(step, run.abstract)
     ckpts.close()
     return state, step
 
 
-def evaluate(config, workdir: str, devices=None) -> dict:
-    """mode=eval: held-out metrics and samples of the newest checkpoint in workdir."""
-    run = setup(config, workdir, devices)
-    state, step = _restore_latest(run, workdir)
+def evaluate(run: Run) -> dict:
+    """mode=eval: held-out metrics and samples of the newest checkpoint in the workdir."""
+    config, workdir = run.config, run.workdir
+    state, step = _restore_latest(run)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         batches = run.task.eval_batches(jax.process_index(), jax.process_count())
         results = heldout.evaluate(run.eval_step(), state.params, batches, run.task, run.to_global)
@@ -148,10 +145,9 @@ def evaluate(config, workdir: str, devices=None) -> dict:
     return results
 
 
-def sample(config, workdir: str, devices=None) -> str:
-    """mode=sample: writes samples of the newest checkpoint in workdir."""
-    run = setup(config, workdir, devices)
-    state, step = _restore_latest(run, workdir)
-    path = run.task.write_samples(state.params, workdir, step)
+def sample(run: Run) -> str:
+    """mode=sample: writes samples of the newest checkpoint in the workdir."""
+    state, step = _restore_latest(run)
+    path = run.task.write_samples(state.params, run.workdir, step)
     print(open(path).read() + f"wrote {path}", flush=True)
     return path

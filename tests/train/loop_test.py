@@ -34,7 +34,7 @@ def losses(workdir):
 @pytest.fixture(scope="module")
 def one_device_losses(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
-    loop.train(small_config(tmp), str(tmp / "run"), devices=jax.devices()[:1])
+    loop.train(loop.setup(small_config(tmp), str(tmp / "run"), devices=jax.devices()[:1]))
     return losses(tmp / "run")
 
 
@@ -43,7 +43,7 @@ def one_device_losses(tmp_path_factory):
 def test_sharded_training_matches_one_device(tmp_path, one_device_losses, mesh):
     config = small_config(tmp_path)
     config.mesh.update(**mesh)
-    loop.train(config, str(tmp_path / "run"))
+    loop.train(loop.setup(config, str(tmp_path / "run")))
     sharded = losses(tmp_path / "run")
     assert sorted(sharded) == list(range(1, 11))
     for step, value in one_device_losses.items():
@@ -69,16 +69,16 @@ class _Stop(Exception):
 
 def test_stop_after_a_checkpoint_then_rerun_equals_uninterrupted(tmp_path):
     config = small_config(tmp_path, steps=12, ckpt_every=5)
-    loop.train(config, str(tmp_path / "full"))
+    loop.train(loop.setup(config, str(tmp_path / "full")))
 
     def crash_at_8(step, state, metrics):
         if step == 8:
             raise _Stop()
 
     with pytest.raises(_Stop):
-        loop.train(config, str(tmp_path / "resumed"), hooks=[crash_at_8])
+        loop.train(loop.setup(config, str(tmp_path / "resumed")), hooks=[crash_at_8])
     assert losses(tmp_path / "resumed").keys() == set(range(1, 9))
-    loop.train(config, str(tmp_path / "resumed"))
+    loop.train(loop.setup(config, str(tmp_path / "resumed")))
     full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 13))  # steps 6-8 were logged again, not twice
     assert resumed == full  # bitwise equal floats
@@ -86,7 +86,7 @@ def test_stop_after_a_checkpoint_then_rerun_equals_uninterrupted(tmp_path):
 
 def test_init_from_takes_the_parameters_of_another_run_in_a_new_layout(tmp_path):
     source = small_config(tmp_path, steps=2)
-    loop.train(source, str(tmp_path / "source"))
+    loop.train(loop.setup(source, str(tmp_path / "source")))
     trained, _ = checkpoint.Checkpoints(str(tmp_path / "source"), 1).restore(
         2, loop.setup(source, str(tmp_path / "source")).abstract)
 
