@@ -1,7 +1,9 @@
 """Logical axis names, default rules, and the device mesh.
 
 Glossary (the only axis names models may use):
-  parameters:  vocab, embed, mlp, heads, kv_heads, head_dim, layers, conv_in, conv_out
+  parameters:  vocab, embed, embed_out (a second model-width axis, e.g. BERT's D x D heads), mlp,
+               heads, kv_heads, head_dim, layers, table (rows of small lookup tables: learned
+               positions, token types), classes, conv_in, conv_out
   activations: act_batch, act_seq, act_embed, act_mlp, act_heads, act_kv_heads, act_vocab
 Mesh axes: data (pure data parallel), fsdp (data parallel + parameter/optimizer sharding),
 tensor (tensor/model parallel).
@@ -34,6 +36,9 @@ DEFAULT_RULES = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("embed_out", None),
+    ("table", None),
+    ("classes", None),
     ("conv_in", None),
     ("conv_out", "tensor"),
 )

@@ -15,6 +15,7 @@ class Dense(nn.Module):
     kernel_axes: Sequence[str]  # logical names: contracted input axes, then output axes
     dtype: jnp.dtype = jnp.float32
     n_contract: int = 1  # how many trailing axes of x are contracted
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -27,9 +28,16 @@ class Dense(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
                             in_shape + features, jnp.float32)
         x_axes = tuple(range(x.ndim - n_in, x.ndim))
-        return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                   ((x_axes, tuple(range(n_in))), ((), ())))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((x_axes, tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   tuple(self.kernel_axes[n_in:])),
+                              features, jnp.float32)
+            y = y + bias.astype(self.dtype).reshape((1,) * (y.ndim - len(features)) + features)
+        return y
 
 
-def dense(features, kernel_axes: Sequence[str], dtype, name: str, n_contract: int = 1) -> Dense:
-    return Dense(features, tuple(kernel_axes), dtype, n_contract, name=name)
+def dense(features, kernel_axes: Sequence[str], dtype, name: str, n_contract: int = 1,
+          use_bias: bool = False) -> Dense:
+    return Dense(features, tuple(kernel_axes), dtype, n_contract, use_bias, name=name)
