@@ -9,6 +9,21 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
+
+ITEMS = ("state", "data", "config")
+
+
+def _manager(directory: str, options=None) -> ocp.CheckpointManager:
+    """A manager that knows every item's handler, so metadata can be read without restoring."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+    registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler)
+    for item in ("data", "config"):
+        registry.add(item, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+        registry.add(item, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
 
 
 class Checkpoints:
@@ -16,8 +31,7 @@ class Checkpoints:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = _manager(self.directory, options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -53,24 +67,48 @@ def require_latest_step(workdir: str) -> int:
     return step
 
 
-def restore_params(path: str, abstract_params):
-    """Parameters from `path`: a workdir (its latest step) or a `checkpoints/<step>` directory."""
+def _step_directory(path: str) -> tuple[str, int]:
+    """(checkpoints directory, step) for a workdir (its newest step) or a checkpoints/<step> path."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    if os.path.basename(path).isdigit():
-        directory, step = os.path.dirname(path), int(os.path.basename(path))
-    else:
-        directory, step = path, None
+    directory, step = (os.path.dirname(path), int(os.path.basename(path))) if os.path.basename(path).isdigit() \
+        else (path, None)
     if not os.path.isdir(directory):
         raise ValueError(f"init_from={path!r}: no such workdir or checkpoint directory")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+    manager = _manager(directory)
     step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
+    committed = manager.all_steps()
+    manager.close()
+    if step is None or step not in committed:
         raise ValueError(f"init_from={path!r}: no committed checkpoint found there")
+    return directory, step
+
+
+def restore_params(path: str, abstract_params, init_params):
+    """Parameters for `abstract_params`: each one the checkpoint at `path` holds under the same name
+    (restored into the abstract sharding), the others from `init_params` (fine-tuning a new head on a
+    pretrained body). Returns (params, names taken from init_params). Shapes must agree.
+    """
+    directory, step = _step_directory(path)
+    manager = _manager(directory)
+    saved = traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"])
+    wanted = traverse_util.flatten_dict(abstract_params)
+    for name, leaf in wanted.items():
+        if name in saved and tuple(saved[name].shape) != tuple(leaf.shape):
+            raise ValueError(f"init_from={path!r}: parameter {'/'.join(name)} has shape "
+                             f"{tuple(saved[name].shape)} there but the model needs {tuple(leaf.shape)}")
+    common = {name: leaf for name, leaf in wanted.items() if name in saved}
+    if not common:
+        raise ValueError(f"init_from={path!r}: the checkpoint has no parameter of this model "
+                         f"(it has e.g. {'/'.join(next(iter(saved)))})")
+    subset = traverse_util.unflatten_dict(common)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params},
-        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)},
+        item={"params": subset},
+        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(subset)},
         partial_restore=True)))
     manager.close()
-    return restored.state["params"]
+    taken = traverse_util.flatten_dict(restored.state["params"])
+    fresh = traverse_util.flatten_dict(init_params)
+    params = traverse_util.unflatten_dict({name: taken.get(name, fresh[name]) for name in wanted})
+    return params, sorted("/".join(name) for name in wanted if name not in taken)

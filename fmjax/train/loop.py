@@ -77,7 +77,9 @@ def train(run: Run, hooks=()) -> dict:
     else:
         state = state_lib.init_state(run.task, run.tx, config.seed, run.abstract, run.shardings)
         if config.init_from:
-            state = state.replace(params=checkpoint.restore_params(config.init_from, run.abstract.params))
+            params, fresh = checkpoint.restore_params(config.init_from, run.abstract.params, state.params)
+            state = state.replace(params=params)
+            print(f"init_from {config.init_from}; newly initialised: {fresh or 'nothing'}", flush=True)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches),
         run.shardings, run.batch_sharding, run.mesh)

@@ -2,6 +2,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -93,9 +94,22 @@ def test_init_from_takes_the_parameters_of_another_run_in_a_new_layout(tmp_path)
     target = small_config(tmp_path)
     target.mesh.update(data=1, fsdp=4, tensor=2)
     run = loop.setup(target, str(tmp_path / "target"))
-    params = checkpoint.restore_params(str(tmp_path / "source"), run.abstract.params)
+    init = state_lib.init_state(run.task, run.tx, target.seed, run.abstract, run.shardings).params
+    params, fresh = checkpoint.restore_params(str(tmp_path / "source"), run.abstract.params, init)
+    assert fresh == []
     jax.tree.map(np.testing.assert_array_equal, params, trained.params)
     kernel = params["layers"]["mlp"]["wi_gate"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     with pytest.raises(ValueError, match="no committed checkpoint"):
-        checkpoint.restore_params(str(tmp_path / "target"), run.abstract.params)
+        checkpoint.restore_params(str(tmp_path / "target"), run.abstract.params, init)
+
+    # A model with a part the checkpoint lacks keeps that part's fresh initialisation.
+    extra = dict(run.abstract.params, new_head=run.abstract.params["final_norm"])
+    params, fresh = checkpoint.restore_params(str(tmp_path / "source"), extra,
+                                              dict(init, new_head=init["final_norm"]))
+    assert fresh == ["new_head/scale"]
+    np.testing.assert_array_equal(params["new_head"]["scale"], init["final_norm"]["scale"])
+    np.testing.assert_array_equal(params["final_norm"]["scale"], trained.params["final_norm"]["scale"])
+    wrong = dict(run.abstract.params, final_norm={"scale": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    with pytest.raises(ValueError, match="final_norm/scale has shape"):
+        checkpoint.restore_params(str(tmp_path / "source"), wrong, init)
