@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 from typing import Iterator, Sequence
 
 import ml_collections
@@ -22,9 +23,11 @@ import sentencepiece as spm
 from fmjax.data import sources
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+WORKDIR_FILE = "tokenizer.model"
+MASK_PIECE = "<mask>"  # id 4 in trained tokenizers: masked-LM input (never produced by encode)
 MODEL_TYPES = {"bpe": "bpe", "unigram": "unigram"}  # data.tokenizer_type -> sentencepiece type
-# Four special ids and 256 byte-fallback pieces come before any learned piece.
-MIN_VOCAB_SIZE = 4 + 256 + 1
+# Five special ids and 256 byte-fallback pieces come before any learned piece.
+MIN_VOCAB_SIZE = 5 + 256 + 1
 # Sentencepiece sees text in chunks of at most this many characters (cut at line breaks), and
 # at most _MAX_TRAIN_CHARS of the train split: plenty for a 32k vocabulary, and single-threaded
 # training stays within minutes (40M chars: ~15 s bpe, ~200 s unigram, ~1 GB of memory).
@@ -46,6 +49,7 @@ _TRAINER_ARGS = dict(
     unk_id=UNK_ID,
     bos_id=BOS_ID,
     eos_id=EOS_ID,
+    control_symbols=[MASK_PIECE],
     minloglevel=2,
 )
 
@@ -69,6 +73,11 @@ class Tokenizer:
                              f"pad={PAD_ID}, unk={UNK_ID}, bos={BOS_ID}, eos={EOS_ID}")
         self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)],
                                     dtype=np.int32)
+        mask_id = self._sp.piece_to_id(MASK_PIECE)
+        self.mask_id: int | None = None if mask_id == UNK_ID else mask_id  # None: a tokenizer from elsewhere
+        # Pieces that begin a word (whole-word masking); byte pieces count as continuations.
+        self.word_start = np.array([self._sp.id_to_piece(i).startswith("\u2581") or self._sp.is_control(i)
+                                    for i in range(self.vocab_size)], dtype=bool)
 
     def _piece_bytes(self, i: int) -> int:
         """Bytes piece `i` adds to decoded text (used as the bits-per-byte denominator)."""
@@ -86,6 +95,22 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
+
+
+def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+    """The tokenizer travels with the workdir: the run's own copy, else trained/loaded and copied in."""
+    own = os.path.join(workdir, WORKDIR_FILE)
+    if os.path.exists(own):
+        tokenizer = load_tokenizer(own)
+    else:
+        tokenizer = get_tokenizer(config)
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copyfile(tokenizer.path, own + ".tmp")
+        os.replace(own + ".tmp", own)
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tokenizer.path} "
+                         f"has {tokenizer.vocab_size} pieces")
+    return tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -109,7 +134,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{sorted(MODEL_TYPES)}")
     if config.model.vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
-                         f"tokenizer; it needs at least {MIN_VOCAB_SIZE} (4 special ids, 256 "
+                         f"tokenizer; it needs at least {MIN_VOCAB_SIZE} (5 special ids, 256 "
                          "byte-fallback pieces) plus one per distinct character of the corpus")
 
 

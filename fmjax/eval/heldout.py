@@ -9,11 +9,12 @@ import numpy as np
 
 
 def evaluate(eval_step, params, batches, task, to_global) -> dict:
+    """task.eval_results of the eval sums over all batches (float64 numpy scalars or arrays)."""
     sums = None
     for batch in batches:
         out = jax.device_get(eval_step(params, to_global(batch)))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    return task.eval_results({k: float(v) for k, v in sums.items()})
+    return task.eval_results({k: np.asarray(v, np.float64) for k, v in sums.items()})
 
 
 def write_results(workdir: str, step: int, split: str, results: dict) -> str:

@@ -1,8 +1,10 @@
 """Model registry: config.model.name -> (config dataclass, flax module)."""
 from fmjax.models.decoder import DecoderConfig, DecoderLM
+from fmjax.models.encoder import EncoderConfig, EncoderMLM
 
 MODELS = {
     "decoder": (DecoderConfig, DecoderLM),
+    "encoder": (EncoderConfig, EncoderMLM),
 }
 
 

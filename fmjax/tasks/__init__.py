@@ -43,8 +43,8 @@ class Task(Protocol):
 
 
 def build_task(config, workdir: str) -> Task:
-    from fmjax.tasks import lm  # local import keeps the registry import light
-    tasks = {"lm": lm.LMTask.build}
+    from fmjax.tasks import lm, mlm  # local imports keep the registry import light
+    tasks = {"lm": lm.LMTask.build, "mlm": mlm.MLMTask.build}
     if config.task.name not in tasks:
         raise ValueError(f"task.name={config.task.name!r} is not a registered task; valid: {sorted(tasks)}")
     return tasks[config.task.name](config, workdir)

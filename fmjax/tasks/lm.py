@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +15,6 @@ import numpy as np
 
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 from fmjax.models import get_model
-
-TOKENIZER_FILE = "tokenizer.model"
-
 
 def token_losses(logits_BxLxV, targets_BxL):
     """Per-token cross-entropy and log-partition (for z-loss), in float32."""
@@ -44,19 +40,7 @@ class LMTask:
 
     @classmethod
     def build(cls, config, workdir: str) -> "LMTask":
-        """The tokenizer travels with the workdir: reuse the run's own, else train/load and copy it."""
-        own = os.path.join(workdir, TOKENIZER_FILE)
-        if os.path.exists(own):
-            tok = tokenizer_lib.load_tokenizer(own)
-        else:
-            tok = tokenizer_lib.get_tokenizer(config)
-            os.makedirs(workdir, exist_ok=True)
-            shutil.copyfile(tok.path, own + ".tmp")
-            os.replace(own + ".tmp", own)
-        if tok.vocab_size != config.model.vocab_size:
-            raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tok.path} "
-                             f"has {tok.vocab_size} pieces")
-        return cls(config, tok)
+        return cls(config, tokenizer_lib.workdir_tokenizer(config, workdir))
 
     def abstract_batch(self, batch_size):
         shape = (batch_size, self.seq_len)
@@ -84,9 +68,9 @@ class LMTask:
                 "bytes": jnp.sum(self.token_bytes[batch["targets"]] * mask_BxL)}
 
     def eval_results(self, sums):
-        loss = sums["nats"] / sums["tokens"]
+        loss = float(sums["nats"] / sums["tokens"])
         return {"loss": loss, "perplexity": math.exp(loss),
-                "bits_per_byte": sums["nats"] / math.log(2) / sums["bytes"],
+                "bits_per_byte": float(sums["nats"] / math.log(2) / sums["bytes"]),
                 "tokens": int(sums["tokens"]), "bytes": int(sums["bytes"])}
 
     def units_per_example(self):

@@ -41,22 +41,29 @@ def test_compresses_held_out_pydoc_text(tokenizer, val_texts):
 
 def test_special_ids(tokenizer):
     assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
+    assert tokenizer.mask_id == 4 and tokenizer.decode([4]) == ""
     assert tokenizer.vocab_size == 512
     assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("hi"), tokenizer.eos_id,
                              tokenizer.pad_id]) == "hi"
     ids = tokenizer.encode("\n\n".join(SAMPLES))
-    assert min(ids) > tokenizer.eos_id  # Byte fallback: never unk, never a control id.
+    assert min(ids) > tokenizer.mask_id  # Byte fallback: never unk, never a control id.
 
 
 def test_token_bytes_count_utf8_bytes_plus_dummy_prefix(tokenizer, val_texts):
     tb = tokenizer.token_bytes
     assert tb.shape == (512,) and tb.dtype == np.int32
-    assert list(tb[:4]) == [0, 0, 0, 0]
-    assert list(tb[4:4 + 256]) == [1] * 256  # <0x00> .. <0xFF>
+    assert list(tb[:5]) == [0, 0, 0, 0, 0]
+    assert list(tb[5:5 + 256]) == [1] * 256  # <0x00> .. <0xFF>
     for text in val_texts + SAMPLES:
         # Sentencepiece prepends one "\u2581" (the dummy prefix) to every non-empty text.
         assert tb[tokenizer.encode(text)].sum() == len(text.encode()) + 1, text
     assert tokenizer.encode("") == []
+
+
+def test_word_starts(tokenizer):
+    ids = tokenizer.encode("the value of x")
+    starts = [i for i in ids if tokenizer.word_start[i]]
+    assert len(starts) == 4 and tokenizer.word_start[ids[0]]
 
 
 def test_cache_hit_returns_same_file(cache, tokenizer):

@@ -1,0 +1,1 @@
+"""Interop with other ecosystems' checkpoint and tokenizer formats (Hugging Face BERT)."""
