@@ -10,12 +10,12 @@ import ml_collections
 
 from fmjax import sharding
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "embed")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # train | eval | sample
+    c.mode = "train"  # train | eval | sample | embed (encoders)
     c.seed = 0
     c.init_from = ""  # a workdir or checkpoints/<step> directory to take parameters from
     c.model = ml_collections.ConfigDict()

@@ -46,6 +46,7 @@ def main(argv):
 
     from fmjax import config_lib
     from fmjax.data import pipeline
+    from fmjax.infer import embed
     from fmjax.train import checkpoint, loop
 
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -60,12 +61,14 @@ def main(argv):
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
         pipeline.validate(config, jax.process_count())
-        if config.mode != "train":
+        if config.mode != "train" and not config.init_from:
             checkpoint.require_latest_step(workdir)
+        if config.mode == "embed":
+            embed.validate(config)
         run = loop.setup(config, workdir)
     except ValueError as e:
         _fail(str(e))
-    modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample}
+    modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample, "embed": loop.embed}
     modes[config.mode](run)
     if config.mode == "train":
         print(_outputs(workdir), flush=True)

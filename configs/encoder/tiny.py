@@ -1,7 +1,8 @@
 """Tiny BERT-style encoder pretrained by masked-token prediction on the embedded corpus.
 
 Shares the data section with configs/lm/tiny.py (Python's documentation topics, a sentencepiece
-tokenizer with a <mask> piece). `--config.task.whole_word=True` masks whole words.
+tokenizer with a <mask> piece). `--config.task.whole_word=True` masks whole words. After training,
+`--config.mode=embed --config.task.embed_input=texts.txt` writes WORKDIR/embeddings.npy.
 """
 from configs.lm import tiny as lm_tiny
 from fmjax import config_lib
@@ -18,9 +19,14 @@ def get_config():
     c.model.n_heads = 4
     c.model.head_dim = 32
     c.model.mlp_dim = 512
-    c.model.max_len = 128  # learned positions; >= data.seq_len
+    c.model.max_len = 128  # longest input; >= data.seq_len
+    # Rotary positions and pre-LN (as in ModernBERT) rather than BERT's learned table and post-LN:
+    # with a learned table, masked-LM sits at the unigram plateau for hundreds of steps on this
+    # small corpus, because attention must first learn what "next to" means from absolute positions.
+    c.model.positions = "rope"  # rope | learned (BERT; what Hugging Face BERT weights need)
+    c.model.rope_theta = 10_000.0
     c.model.type_vocab_size = 2
-    c.model.norm = "post"  # post (BERT) | pre
+    c.model.norm = "pre"  # pre | post (BERT)
     c.model.norm_eps = 1e-12
     c.model.dropout = 0.0
     c.model.dtype = "float32"
@@ -33,6 +39,11 @@ def get_config():
     c.task.whole_word = False
     c.task.sample_prompts = ["The [MASK] statement is used to iterate over a [MASK].",
                              "An exception is [MASK] when an error occurs."]
+    # mode=embed: one text per line of a .txt (or data.text_field of a .jsonl) -> a float32 .npy
+    c.task.embed_input = ""
+    c.task.embed_output = ""  # "" = WORKDIR/embeddings.npy
+    c.task.pooling = "mean"  # mean | cls
+    c.task.normalize = True  # L2-normalise each vector
 
     c.data = lm_tiny.get_config().data
 

@@ -104,9 +104,10 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokeni
         tokenizer = load_tokenizer(own)
     else:
         tokenizer = get_tokenizer(config)
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copyfile(tokenizer.path, own + ".tmp")
-        os.replace(own + ".tmp", own)
+        if os.path.isfile(tokenizer.path):  # a Hugging Face folder stays where data.tokenizer names it
+            os.makedirs(workdir, exist_ok=True)
+            shutil.copyfile(tokenizer.path, own + ".tmp")
+            os.replace(own + ".tmp", own)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tokenizer.path} "
                          f"has {tokenizer.vocab_size} pieces")
@@ -114,7 +115,10 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokeni
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a sentencepiece .model file."""
+    """Loads a sentencepiece .model file, or a Hugging Face WordPiece folder (BERT models)."""
+    if os.path.isdir(path):
+        from fmjax.interop.wordpiece import WordPieceTokenizer
+        return WordPieceTokenizer(path)
     if not os.path.isfile(path):
         raise ValueError(f"tokenizer file {str(path)!r} does not exist")
     try:

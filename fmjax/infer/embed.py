@@ -1,11 +1,16 @@
 """Text embeddings from an encoder: tokenize, run the encoder, pool (mean or CLS), L2-normalise.
 
+`mode=embed` embeds `task.embed_input` (.txt: one text per line; .jsonl: `data.text_field` of each
+line) into `task.embed_output` (.npy, float32 N x D; default WORKDIR/embeddings.npy).
+
 Rows are padded to a length bucket (a multiple of 32) so a file of texts compiles a few shapes,
 not one per batch. Shapes: B batch, L sequence, D model width.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Sequence
 
 import jax
@@ -60,3 +65,37 @@ def embed_texts(model_config: EncoderConfig, encoder_params, tokenizer, texts: S
         batch = tokenize(tokenizer, chunk + [""] * (batch_size - len(chunk)), max_len)  # fixed B
         out.append(np.asarray(run(encoder_params, batch["inputs"], batch["segment_ids"]))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, model_config.width), np.float32)
+
+
+POOLINGS = ("mean", "cls")
+
+
+def validate(config) -> None:
+    """mode=embed settings, checked before any compilation."""
+    if config.model.name != "encoder":
+        raise ValueError(f"mode=embed needs an encoder (model.name='encoder'), not model.name={config.model.name!r}")
+    if config.task.pooling not in POOLINGS:
+        raise ValueError(f"task.pooling={config.task.pooling!r}; valid: {list(POOLINGS)}")
+    path = config.task.embed_input
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"task.embed_input={path!r}: mode=embed needs an existing .txt or .jsonl file")
+    if config.task.embed_output and not config.task.embed_output.endswith(".npy"):
+        raise ValueError(f"task.embed_output={config.task.embed_output!r} must end in .npy")
+
+
+def read_texts(path: str, text_field: str) -> list[str]:
+    """.jsonl: each line's `text_field`; anything else: one text per non-empty line."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    texts.append(str(json.loads(line)[text_field]))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{number}: expected a JSON object with a {text_field!r} "
+                                     f"field ({e.__class__.__name__}: {e})") from None
+            else:
+                texts.append(line.rstrip("\n"))
+    return texts

@@ -154,6 +154,10 @@ def _read_tensors(hf_dir: str) -> tuple[str, dict[str, np.ndarray]]:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+
+
 def load(hf_dir: str | os.PathLike) -> tuple[EncoderConfig, dict]:
     """(config, float32 numpy params with scanned layers) of a HF BERT folder.
 
@@ -208,6 +212,9 @@ def save(hf_dir: str | os.PathLike, model_config: EncoderConfig, params: dict,
     else as BertModel. Returns hf_dir.
     """
     hf_dir, cfg = os.fspath(hf_dir), model_config
+    if cfg.positions != "learned" or cfg.norm != "post":
+        raise ValueError(f"model.positions={cfg.positions!r}, model.norm={cfg.norm!r}: a Hugging Face BERT "
+                         "has learned positions and post-LN blocks")
     params = dict(meta.unbox(params))
     unknown = sorted(set(params) - {"encoder", "pooler", *_HEAD_KEYS})
     if unknown or "encoder" not in params:

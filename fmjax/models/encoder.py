@@ -21,6 +21,7 @@ from fmjax.nn.mlp import GeluMLP
 from fmjax.nn.norm import LayerNorm
 
 NORMS = ("post", "pre")
+POSITIONS = ("learned", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,9 @@ class EncoderConfig:
     n_heads: int
     head_dim: int
     mlp_dim: int
-    max_len: int = 512  # rows of the learned position table
+    max_len: int = 512  # longest input: rows of the learned position table
+    positions: str = "learned"  # learned (BERT's table) | rope (rotary, as in ModernBERT)
+    rope_theta: float = 10_000.0
     type_vocab_size: int = 2  # token types (sentence A / B)
     norm: str = "post"  # post: BERT; pre: pre-LN blocks plus a final LayerNorm
     norm_eps: float = 1e-12
@@ -54,6 +57,7 @@ class EncoderConfig:
             (self.attention in IMPLEMENTATIONS,
              f"model.attention={self.attention!r}; valid: {list(IMPLEMENTATIONS)}"),
             (self.norm in NORMS, f"model.norm={self.norm!r}; valid: {list(NORMS)}"),
+            (self.positions in POSITIONS, f"model.positions={self.positions!r}; valid: {list(POSITIONS)}"),
             (0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)"),
         ]
         for ok, message in checks:
@@ -66,7 +70,8 @@ class EncoderConfig:
         per_layer = attn + 2 * d * f + f + d + 4 * d
         total = self.n_layers * per_layer + 2 * d + (2 * d if self.norm == "pre" else 0)
         if embeddings:
-            total += (self.vocab_size + self.max_len + self.type_vocab_size) * d
+            table = self.max_len if self.positions == "learned" else 0
+            total += (self.vocab_size + table + self.type_vocab_size) * d
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -82,20 +87,21 @@ class EncoderBlock(nn.Module):
     deterministic: bool = True  # False: dropout on (training)
 
     @nn.compact
-    def __call__(self, x_BxLxD, segment_ids_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
         cfg = self.config
         dtype = DTYPES[cfg.dtype]
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        attention = Attention(cfg.n_heads, cfg.n_heads, cfg.head_dim, implementation=cfg.attention,
-                              dtype=dtype, causal=False, rope=False, use_bias=True, name="attn")
+        attention = Attention(cfg.n_heads, cfg.n_heads, cfg.head_dim, cfg.rope_theta, cfg.attention, dtype,
+                              causal=False, rope=cfg.positions == "rope", use_bias=True, name="attn")
         mlp = GeluMLP(cfg.mlp_dim, dtype, name="mlp")
         if cfg.norm == "post":
-            h = attention(x_BxLxD, None, segment_ids_BxL)
+            h = attention(x_BxLxD, positions_BxL, segment_ids_BxL)
             x_BxLxD = LayerNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD + drop(h))
             h = mlp(x_BxLxD)
             x_BxLxD = LayerNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxLxD + drop(h))
         else:
-            h = attention(LayerNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD), None, segment_ids_BxL)
+            h = attention(LayerNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD), positions_BxL,
+                          segment_ids_BxL)
             x_BxLxD = x_BxLxD + drop(h)
             x_BxLxD = x_BxLxD + drop(mlp(LayerNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxLxD)))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_seq", "act_embed"))
@@ -112,8 +118,9 @@ class Encoder(nn.Module):
         dtype = DTYPES[cfg.dtype]
         self.token_embed = token_embedding(cfg.vocab_size, cfg.width, dtype, name="token_embed")
         table_init = nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("table", "embed"))
-        self.position_embed = nn.Embed(cfg.max_len, cfg.width, dtype=dtype, param_dtype=jnp.float32,
-                                       embedding_init=table_init)
+        if cfg.positions == "learned":
+            self.position_embed = nn.Embed(cfg.max_len, cfg.width, dtype=dtype, param_dtype=jnp.float32,
+                                           embedding_init=table_init)
         self.type_embed = nn.Embed(cfg.type_vocab_size, cfg.width, dtype=dtype, param_dtype=jnp.float32,
                                    embedding_init=table_init)
         self.embed_norm = LayerNorm(cfg.norm_eps, dtype)
@@ -124,7 +131,7 @@ class Encoder(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(block, variable_axes={"params": 0},
                                   split_rngs={"params": True, "dropout": True},
-                                  in_axes=nn.broadcast, length=cfg.n_layers,
+                                  in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.deterministic)
         else:
             self.layers = [block(cfg, self.deterministic, name=f"layers_{i}") for i in range(cfg.n_layers)]
@@ -140,16 +147,17 @@ class Encoder(nn.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
         if token_types_BxL is None:
             token_types_BxL = jnp.zeros_like(inputs_BxL)
-        x_BxLxD = (self.token_embed(inputs_BxL) + self.position_embed(positions_BxL)
-                   + self.type_embed(token_types_BxL))
+        x_BxLxD = self.token_embed(inputs_BxL) + self.type_embed(token_types_BxL)
+        if cfg.positions == "learned":
+            x_BxLxD = x_BxLxD + self.position_embed(positions_BxL)
         x_BxLxD = self.embed_norm(x_BxLxD)
         x_BxLxD = self.embed_dropout(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_seq", "act_embed"))
         if cfg.scan_layers:
-            x_BxLxD, _ = self.layers(x_BxLxD, segment_ids_BxL)
+            x_BxLxD, _ = self.layers(x_BxLxD, positions_BxL, segment_ids_BxL)
         else:
             for layer in self.layers:
-                x_BxLxD, _ = layer(x_BxLxD, segment_ids_BxL)
+                x_BxLxD, _ = layer(x_BxLxD, positions_BxL, segment_ids_BxL)
         if cfg.norm == "pre":
             x_BxLxD = self.final_norm(x_BxLxD)
         return x_BxLxD.astype(jnp.float32)

@@ -54,13 +54,19 @@ class Checkpoints:
         self.manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The newest committed step under workdir/checkpoints, or None (creates nothing)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    ckpts = Checkpoints(workdir, keep=1)
+    step = ckpts.latest_step()
+    ckpts.close()
+    return step
+
+
 def require_latest_step(workdir: str) -> int:
     """The newest committed step under workdir/checkpoints; ValueError naming the workdir if none."""
-    directory, step = os.path.abspath(os.path.join(workdir, "checkpoints")), None
-    if os.path.isdir(directory):  # Checkpoints() would create it
-        ckpts = Checkpoints(workdir, keep=1)
-        step = ckpts.latest_step()
-        ckpts.close()
+    directory, step = os.path.abspath(os.path.join(workdir, "checkpoints")), latest_step(workdir)
     if step is None:
         raise ValueError(f"--workdir={workdir}: no committed checkpoint under {directory}; "
                          f"train first (mode=train)")
@@ -86,14 +92,20 @@ def _step_directory(path: str) -> tuple[str, int]:
 
 
 def restore_params(path: str, abstract_params, init_params):
-    """Parameters for `abstract_params`: each one the checkpoint at `path` holds under the same name
-    (restored into the abstract sharding), the others from `init_params` (fine-tuning a new head on a
-    pretrained body). Returns (params, names taken from init_params). Shapes must agree.
+    """Parameters for `abstract_params`: each one `path` holds under the same name (placed in the
+    abstract sharding), the others from `init_params` (fine-tuning a new head on a pretrained body).
+    `path` is a workdir, a checkpoints/<step> directory or a Hugging Face BERT folder.
+    Returns (params, names taken from init_params). Shapes must agree.
     """
-    directory, step = _step_directory(path)
-    manager = _manager(directory)
-    saved = traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"])
+    from fmjax.interop import hf_bert
     wanted = traverse_util.flatten_dict(abstract_params)
+    if hf_bert.is_hf_folder(path):
+        _, hf_params = hf_bert.load(path)
+        saved = traverse_util.flatten_dict(hf_params)
+    else:
+        directory, step = _step_directory(path)
+        manager = _manager(directory)
+        saved = traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"])
     for name, leaf in wanted.items():
         if name in saved and tuple(saved[name].shape) != tuple(leaf.shape):
             raise ValueError(f"init_from={path!r}: parameter {'/'.join(name)} has shape "
@@ -102,13 +114,16 @@ def restore_params(path: str, abstract_params, init_params):
     if not common:
         raise ValueError(f"init_from={path!r}: the checkpoint has no parameter of this model "
                          f"(it has e.g. {'/'.join(next(iter(saved)))})")
-    subset = traverse_util.unflatten_dict(common)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": subset},
-        restore_args={"params": ocp.checkpoint_utils.construct_restore_args(subset)},
-        partial_restore=True)))
-    manager.close()
-    taken = traverse_util.flatten_dict(restored.state["params"])
+    if hf_bert.is_hf_folder(path):
+        taken = {name: jax.device_put(saved[name], leaf.sharding) for name, leaf in common.items()}
+    else:
+        subset = traverse_util.unflatten_dict(common)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": subset},
+            restore_args={"params": ocp.checkpoint_utils.construct_restore_args(subset)},
+            partial_restore=True)))
+        manager.close()
+        taken = traverse_util.flatten_dict(restored.state["params"])
     fresh = traverse_util.flatten_dict(init_params)
     params = traverse_util.unflatten_dict({name: taken.get(name, fresh[name]) for name in wanted})
     return params, sorted("/".join(name) for name in wanted if name not in taken)

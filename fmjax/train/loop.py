@@ -126,30 +126,54 @@ def train(run: Run, hooks=()) -> dict:
     return results
 
 
-def _restore_latest(run: Run):
+def _inference_params(run: Run):
+    """(params, step) of the newest checkpoint in the workdir, else of config.init_from (step 0)."""
+    if checkpoint.latest_step(run.workdir) is None and run.config.init_from:
+        init = state_lib.init_state(run.task, run.tx, run.config.seed, run.abstract, run.shardings).params
+        params, fresh = checkpoint.restore_params(run.config.init_from, run.abstract.params, init)
+        print(f"parameters from init_from {run.config.init_from}; newly initialised: {fresh or 'nothing'}",
+              flush=True)
+        return params, 0
     step = checkpoint.require_latest_step(run.workdir)
     ckpts = checkpoint.Checkpoints(run.workdir, run.config.train.keep_checkpoints)
     state, _ = ckpts.restore(step, run.abstract)
     ckpts.close()
-    return state, step
+    return state.params, step
 
 
 def evaluate(run: Run) -> dict:
-    """mode=eval: held-out metrics and samples of the newest checkpoint in the workdir."""
+    """mode=eval: held-out metrics and samples of the newest checkpoint (or of init_from)."""
     config, workdir = run.config, run.workdir
-    state, step = _restore_latest(run)
+    params, step = _inference_params(run)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
         batches = run.task.eval_batches(jax.process_index(), jax.process_count())
-        results = heldout.evaluate(run.eval_step(), state.params, batches, run.task, run.to_global)
+        results = heldout.evaluate(run.eval_step(), params, batches, run.task, run.to_global)
         path = heldout.write_results(workdir, step, config.data.eval_split, results)
-    samples = run.task.write_samples(state.params, workdir, step)
+    samples = run.task.write_samples(params, workdir, step)
     print(f"eval at step {step}: {json.dumps(results)}\nwrote {path} and {samples}", flush=True)
     return results
 
 
 def sample(run: Run) -> str:
-    """mode=sample: writes samples of the newest checkpoint in the workdir."""
-    state, step = _restore_latest(run)
-    path = run.task.write_samples(state.params, run.workdir, step)
+    """mode=sample: writes samples of the newest checkpoint (or of init_from)."""
+    params, step = _inference_params(run)
+    path = run.task.write_samples(params, run.workdir, step)
     print(open(path).read() + f"wrote {path}", flush=True)
+    return path
+
+
+def embed(run: Run) -> str:
+    """mode=embed: task.embed_input -> float32 N x D .npy of the newest checkpoint's (or init_from's) encoder."""
+    from fmjax.infer import embed as embed_lib
+    config = run.config
+    params, step = _inference_params(run)
+    texts = embed_lib.read_texts(config.task.embed_input, config.data.text_field)
+    vectors = embed_lib.embed_texts(run.task.model_config, params["encoder"], run.task.tokenizer, texts,
+                                    pooling=config.task.pooling, normalize=config.task.normalize,
+                                    max_len=config.data.seq_len)
+    path = config.task.embed_output or os.path.join(run.workdir, "embeddings.npy")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.save(path, vectors)
+    print(f"embedded {len(texts)} texts of {config.task.embed_input} with step {step}: {path} "
+          f"{vectors.shape}", flush=True)
     return path

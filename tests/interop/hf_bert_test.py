@@ -229,3 +229,10 @@ def test_tokenizer_decode_and_byte_lengths(minilm_model):
     assert tokenizer.word_start[ids].tolist() == [True, False]
     assert tokenizer.token_bytes[[tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id]].tolist() == [0, 0, 0]
     assert tokenizer.decode([tokenizer.bos_id] + tokenizer.encode("hi") + [tokenizer.eos_id]) == "hi"
+
+
+def test_an_encoder_with_rotary_positions_cannot_be_exported(tmp_path):
+    rope = dataclasses.replace(SMALL, positions="rope", norm="pre")
+    params = jax.jit(EncoderMLM(rope).init)(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="model.positions='rope'"):
+        hf_bert.save(tmp_path / "out", rope, params)

@@ -41,18 +41,20 @@ def test_every_token_sees_the_whole_document():
     assert np.abs(np.asarray(a[:, 0] - b[:, 0])).max() > 1e-4  # bidirectional, unlike the decoder
 
 
-def test_packed_documents_equal_the_documents_alone():
-    params, _ = _init(CFG)
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_packed_documents_equal_the_documents_alone(positions):
+    cfg = dataclasses.replace(CFG, positions=positions)
+    params, _ = _init(cfg)
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, CFG.vocab_size, n) for n in (5, 9, 4)]
-    alone = [np.asarray(hidden(CFG, params, jnp.asarray(d[None])))[0] for d in docs]
+    alone = [np.asarray(hidden(cfg, params, jnp.asarray(d[None])))[0] for d in docs]
     inputs, segments, positions = (np.zeros((1, 20), np.int32) for _ in range(3))
     start = 0
     for seg, doc in enumerate(docs, 1):
         span = slice(start, start + len(doc))
         inputs[0, span], segments[0, span], positions[0, span] = doc, seg, np.arange(len(doc))
         start = span.stop
-    packed = np.asarray(hidden(CFG, params, *(jnp.asarray(x) for x in (inputs, segments, positions))))[0]
+    packed = np.asarray(hidden(cfg, params, *(jnp.asarray(x) for x in (inputs, segments, positions))))[0]
     for seg, expected in enumerate(alone, 1):
         np.testing.assert_allclose(packed[segments[0] == seg], expected, atol=1e-5)
 
@@ -93,8 +95,9 @@ def test_dropout_only_in_training_and_reproducible_from_the_key():
 
 
 def test_every_parameter_has_logical_axis_names_and_count_matches():
-    cfg = dataclasses.replace(CFG, scan_layers=True)
-    for model in (EncoderMLM(cfg), EncoderClassifier(cfg, n_classes=3)):
+    for cfg, model in [(c, m) for positions in ("learned", "rope")
+                       for c in [dataclasses.replace(CFG, scan_layers=True, positions=positions)]
+                       for m in (EncoderMLM(c), EncoderClassifier(c, n_classes=3))]:
         boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
         assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
