@@ -104,7 +104,7 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokeni
         tokenizer = load_tokenizer(own)
     else:
         tokenizer = get_tokenizer(config)
-        if os.path.isfile(tokenizer.path):  # a Hugging Face folder stays where data.tokenizer names it
+        if isinstance(tokenizer, Tokenizer):  # a Hugging Face folder stays where data.tokenizer names it
             os.makedirs(workdir, exist_ok=True)
             shutil.copyfile(tokenizer.path, own + ".tmp")
             os.replace(own + ".tmp", own)
