@@ -25,8 +25,34 @@ REMAT_POLICIES = {
 }
 
 
+class ModelConfig:
+    """What every model's frozen config dataclass shares: reading `config.model`, common checks."""
+
+    @classmethod
+    def from_config(cls, model_config):
+        """The one place model hyperparameters are read from the config (`config.model`)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in model_config.items() if k in fields})
+
+    def validate(self):
+        checks = [
+            (self.dtype in DTYPES, f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}"),
+            (self.remat in REMAT_POLICIES, f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}"),
+            (self.attention in IMPLEMENTATIONS,
+             f"model.attention={self.attention!r}; valid: {list(IMPLEMENTATIONS)}"),
+            *self.checks(),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(condition, message naming the field) pairs of this model family."""
+        return []
+
+
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ModelConfig):
     vocab_size: int
     width: int
     n_layers: int
@@ -42,25 +68,12 @@ class DecoderConfig:
     remat: str = "none"
     attention: str = "xla"
 
-    @classmethod
-    def from_config(cls, model_config) -> "DecoderConfig":
-        """The one place model hyperparameters are read from the config (`config.model`)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in model_config.items() if k in fields})
-
-    def validate(self):
-        checks = [
-            (self.dtype in DTYPES, f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}"),
-            (self.remat in REMAT_POLICIES, f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}"),
-            (self.attention in IMPLEMENTATIONS,
-             f"model.attention={self.attention!r}; valid: {list(IMPLEMENTATIONS)}"),
+    def checks(self):
+        return [
             (self.n_heads % self.n_kv_heads == 0,
              f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}"),
             (self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def param_count(self, embeddings: bool = True) -> int:
         d, f = self.width, self.mlp_dim

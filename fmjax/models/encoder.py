@@ -13,8 +13,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax.models.decoder import DTYPES, REMAT_POLICIES
-from fmjax.nn.attention import IMPLEMENTATIONS, Attention
+from fmjax.models.decoder import DTYPES, REMAT_POLICIES, ModelConfig
+from fmjax.nn.attention import Attention
 from fmjax.nn.dense import dense
 from fmjax.nn.embed import token_embedding
 from fmjax.nn.mlp import GeluMLP
@@ -25,7 +25,7 @@ POSITIONS = ("learned", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(ModelConfig):
     vocab_size: int
     width: int
     n_layers: int
@@ -44,25 +44,12 @@ class EncoderConfig:
     remat: str = "none"
     attention: str = "xla"
 
-    @classmethod
-    def from_config(cls, model_config) -> "EncoderConfig":
-        """The one place encoder hyperparameters are read from the config (`config.model`)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in model_config.items() if k in fields})
-
-    def validate(self):
-        checks = [
-            (self.dtype in DTYPES, f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}"),
-            (self.remat in REMAT_POLICIES, f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}"),
-            (self.attention in IMPLEMENTATIONS,
-             f"model.attention={self.attention!r}; valid: {list(IMPLEMENTATIONS)}"),
+    def checks(self):
+        return [
             (self.norm in NORMS, f"model.norm={self.norm!r}; valid: {list(NORMS)}"),
             (self.positions in POSITIONS, f"model.positions={self.positions!r}; valid: {list(POSITIONS)}"),
             (0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def param_count(self, embeddings: bool = True) -> int:
         d, f = self.width, self.mlp_dim

@@ -24,6 +24,12 @@ def token_losses(logits_BxLxV, targets_BxL):
     return log_z_BxL - target_logit_BxL, log_z_BxL
 
 
+def packed_batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch fmjax.data.pipeline produces (packed rows of text), as shapes and dtypes."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype)
+            for k, dtype in pipeline.BATCH_DTYPES.items()}
+
+
 class LMTask:
     unit = "tokens"
 
@@ -43,11 +49,7 @@ class LMTask:
         return cls(config, tokenizer_lib.workdir_tokenizer(config, workdir))
 
     def abstract_batch(self, batch_size):
-        shape = (batch_size, self.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-                 for k in ("inputs", "targets", "segment_ids", "positions")}
-        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
-        return batch
+        return packed_batch_spec(batch_size, self.seq_len)
 
     def logits(self, params, batch):
         return self.model.apply({"params": params}, batch["inputs"], batch["positions"],

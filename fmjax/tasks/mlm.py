@@ -17,7 +17,7 @@ import numpy as np
 
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 from fmjax.models.encoder import EncoderConfig, EncoderMLM
-from fmjax.tasks.lm import token_losses
+from fmjax.tasks.lm import packed_batch_spec, token_losses
 
 MASK_MARKER = "[MASK]"  # in task.sample_prompts
 
@@ -50,11 +50,7 @@ class MLMTask:
         return cls(config, tokenizer_lib.workdir_tokenizer(config, workdir))
 
     def abstract_batch(self, batch_size):
-        shape = (batch_size, self.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-                 for k in ("inputs", "targets", "segment_ids", "positions")}
-        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
-        return batch
+        return packed_batch_spec(batch_size, self.seq_len)
 
     def corrupt(self, batch, rng):
         """(corrupted inputs B x L, float32 weights B x L: 1 where the model must restore the token)."""
