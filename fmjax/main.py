@@ -45,8 +45,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
 
     from fmjax import config_lib
-    from fmjax.data import pipeline
     from fmjax.infer import embed
+    from fmjax.tasks import validate_data
     from fmjax.train import checkpoint, loop
 
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -60,7 +60,7 @@ def main(argv):
     # point are bugs and keep their tracebacks.
     try:
         config_lib.validate(config, jax.device_count(), jax.process_count())
-        pipeline.validate(config, jax.process_count())
+        validate_data(config, jax.process_count())
         if config.mode != "train" and not config.init_from:
             checkpoint.require_latest_step(workdir)
         if config.mode == "embed":

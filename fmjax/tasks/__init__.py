@@ -42,9 +42,23 @@ class Task(Protocol):
         """Writes a few samples under workdir/samples; returns the path."""
 
 
-def build_task(config, workdir: str) -> Task:
-    from fmjax.tasks import lm, mlm  # local imports keep the registry import light
-    tasks = {"lm": lm.LMTask.build, "mlm": mlm.MLMTask.build}
+def _registered(config):
+    """(build, validate_data) of config.task.name."""
+    from fmjax.data import labelled, pipeline  # local imports keep the registry import light
+    from fmjax.tasks import classify, lm, mlm
+    tasks = {"lm": (lm.LMTask.build, pipeline.validate), "mlm": (mlm.MLMTask.build, pipeline.validate),
+             "classify": (classify.ClassifyTask.build, labelled.validate)}
     if config.task.name not in tasks:
         raise ValueError(f"task.name={config.task.name!r} is not a registered task; valid: {sorted(tasks)}")
-    return tasks[config.task.name](config, workdir)
+    return tasks[config.task.name]
+
+
+def build_task(config, workdir: str) -> Task:
+    build, _ = _registered(config)
+    return build(config, workdir)
+
+
+def validate_data(config, process_count: int = 1) -> None:
+    """Every check of the task's data config and files (names the field or file at fault)."""
+    _, validate = _registered(config)
+    validate(config, process_count)
