@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ckpt_every = 100  # also saved at the last step
     c.train.keep_checkpoints = 3
     c.train.progress_bar = True
+    c.train.ema_decay = 0.0  # > 0: keep an EMA of the params (checkpointed; eval and samples use it)
     return c
 
 
@@ -79,6 +80,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]
     if (train.batch_size // train.microbatches) % data_parallel:
         raise ValueError(f"train.batch_size / train.microbatches = {train.batch_size // train.microbatches}"
                          f" is not divisible by the data-parallel size {data_parallel}")
+    if not 0 <= train.ema_decay < 1:
+        raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0: no EMA)")
     if not 0 <= config.optim.warmup < config.train.steps:
         raise ValueError(f"optim.warmup={config.optim.warmup} must be in [0, train.steps)")
     for i, rule in enumerate(config.sharding_rules):

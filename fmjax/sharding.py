@@ -3,7 +3,9 @@
 Glossary (the only axis names models may use):
   parameters:  vocab, embed, embed_out (a second model-width axis, e.g. BERT's D x D heads), mlp,
                heads, kv_heads, head_dim, layers, table (rows of small lookup tables: learned
-               positions, token types), classes, conv_in, conv_out
+               positions, token types), classes, conv_in, conv_out (a conv kernel's input and output
+               channels), conv_height, conv_width (its spatial size), image_channels (the few
+               channels of an image a model reads or writes, e.g. 1 or 3: too few to split)
   activations: act_batch, act_seq, act_embed, act_mlp, act_heads, act_kv_heads, act_vocab
 Mesh axes: data (pure data parallel), fsdp (data parallel + parameter/optimizer sharding),
 tensor (tensor/model parallel).
@@ -41,6 +43,9 @@ DEFAULT_RULES = (
     ("classes", None),
     ("conv_in", None),
     ("conv_out", "tensor"),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("image_channels", None),
 )
 
 

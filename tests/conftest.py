@@ -7,3 +7,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402  (after the flags above)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Many tests compile the same functions again (a fresh task per run, the same shapes): a persistent
+# compilation cache for the session turns those recompiles into loads. Results are unchanged.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fmjax-test-xla-cache-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

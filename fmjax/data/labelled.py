@@ -220,12 +220,8 @@ def _local_batch_size(config, process_count: int) -> int:
     return config.train.batch_size // process_count
 
 
-def write_corpus(config) -> pathlib.Path:
-    """The texts of both splits, one {"text"} per line of a cached .jsonl (unlabelled; for tokenizer
-    training and MLM pretraining). As a jsonl source with the same data.validation_fraction, its
-    train split is exactly these train texts: the split hashes the same text the same way."""
-    examples = load(config)
-    texts = [r["text"] for r in examples.train + examples.validation]
+def write_texts(config, texts: list[str]) -> pathlib.Path:
+    """`texts`, one {"text"} per line of a .jsonl cached under data.cache_dir (named by their hash)."""
     name = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     path = sources.cache_dir(config) / "labelled" / f"{name}.jsonl"
     with sources.locked(path.with_suffix(".lock")):
@@ -235,16 +231,31 @@ def write_corpus(config) -> pathlib.Path:
     return path
 
 
-def corpus_tokenizer(config) -> str:
-    """A sentencepiece model trained on the train split's texts (cached); returns its path."""
-    path = write_corpus(config)
+def write_corpus(config) -> pathlib.Path:
+    """The texts of both splits as write_texts does (unlabelled; for tokenizer training and MLM
+    pretraining). As a jsonl source with the same data.validation_fraction, its train split is
+    exactly these train texts: the split hashes the same text the same way."""
+    examples = load(config)
+    return write_texts(config, [r["text"] for r in examples.train + examples.validation])
+
+
+def texts_tokenizer(config, texts: list[str], validation_fraction: float) -> str:
+    """A sentencepiece model (model.vocab_size, data.tokenizer_type) trained on the texts that a
+    jsonl source of `texts` keeps for training under validation_fraction (cached); its path."""
     corpus = ml_collections.ConfigDict({
         "model": {"vocab_size": config.model.vocab_size},
-        "data": {"source": "jsonl", "path": str(path), "text_field": "text", "doc_separator": "",
-                 "tfds_name": "", "train_split": "train", "eval_split": "validation",
-                 "validation_fraction": config.data.validation_fraction, "cache_dir": config.data.cache_dir,
+        "data": {"source": "jsonl", "path": str(write_texts(config, texts)), "text_field": "text",
+                 "doc_separator": "", "tfds_name": "", "train_split": "train", "eval_split": "validation",
+                 "validation_fraction": validation_fraction, "cache_dir": config.data.cache_dir,
                  "tokenizer": "", "tokenizer_type": config.data.tokenizer_type}})
     return tokenizer_lib.get_tokenizer(corpus).path
+
+
+def corpus_tokenizer(config) -> str:
+    """A sentencepiece model trained on the train split's texts (cached); returns its path."""
+    examples = load(config)
+    texts = [r["text"] for r in examples.train + examples.validation]
+    return texts_tokenizer(config, texts, config.data.validation_fraction)
 
 
 def tokenize(tokenizer: tokenizer_lib.Tokenizer, seq_len: int):

@@ -35,14 +35,13 @@ class ModelConfig:
         return cls(**{k: v for k, v in model_config.items() if k in fields})
 
     def validate(self):
-        checks = [
-            (self.dtype in DTYPES, f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}"),
-            (self.remat in REMAT_POLICIES, f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}"),
-            (self.attention in IMPLEMENTATIONS,
-             f"model.attention={self.attention!r}; valid: {list(IMPLEMENTATIONS)}"),
-            *self.checks(),
-        ]
-        for ok, message in checks:
+        # Fields several families share are checked here, each only where the family has it (a
+        # U-Net has no `attention` implementation to choose).
+        fields = {f.name for f in dataclasses.fields(self)}
+        shared = {"dtype": sorted(DTYPES), "remat": sorted(REMAT_POLICIES), "attention": list(IMPLEMENTATIONS)}
+        checks = [(getattr(self, name) in valid, f"model.{name}={getattr(self, name)!r}; valid: {valid}")
+                  for name, valid in shared.items() if name in fields]
+        for ok, message in [*checks, *self.checks()]:
             if not ok:
                 raise ValueError(message)
 

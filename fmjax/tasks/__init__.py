@@ -41,13 +41,17 @@ class Task(Protocol):
     def write_samples(self, params, workdir: str, step: int) -> str | None:
         """Writes a few samples under workdir/samples; returns the path."""
 
+    # Optional: init_params(rng, batch) when the model takes more than batch["inputs"] (see
+    # train/state.py), and sample_scores(params) -> dict of generated-sample scores added to eval.
+
 
 def _registered(config):
     """(build, validate_data) of config.task.name."""
-    from fmjax.data import labelled, pipeline  # local imports keep the registry import light
-    from fmjax.tasks import classify, lm, mlm
+    from fmjax.data import images, labelled, pipeline  # local imports keep the registry import light
+    from fmjax.tasks import classify, diffusion, lm, mlm
     tasks = {"lm": (lm.LMTask.build, pipeline.validate), "mlm": (mlm.MLMTask.build, pipeline.validate),
-             "classify": (classify.ClassifyTask.build, labelled.validate)}
+             "classify": (classify.ClassifyTask.build, labelled.validate),
+             "diffusion": (diffusion.DiffusionTask.build, images.validate)}
     if config.task.name not in tasks:
         raise ValueError(f"task.name={config.task.name!r} is not a registered task; valid: {sorted(tasks)}")
     return tasks[config.task.name]

@@ -46,7 +46,8 @@ def setup(config, workdir: str, devices=None) -> Run:
     rules = sharding.rules_from_config(config.sharding_rules)
     task = build_task(config, workdir)
     tx = optim.optimizer(config)
-    abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh, rules)
+    abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh, rules,
+                                                   ema=config.train.ema_decay > 0)
     return Run(config, workdir, mesh, rules, task, tx, abstract, shardings,
                sharding.batch_sharding(mesh, rules))
 
@@ -78,10 +79,10 @@ def train(run: Run, hooks=()) -> dict:
         state = state_lib.init_state(run.task, run.tx, config.seed, run.abstract, run.shardings)
         if config.init_from:
             params, fresh = checkpoint.restore_params(config.init_from, run.abstract.params, state.params)
-            state = state.replace(params=params)
+            state = state.replace(params=params, ema=None if state.ema is None else params)
             print(f"init_from {config.init_from}; newly initialised: {fresh or 'nothing'}", flush=True)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches),
+        step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches, cfg.ema_decay),
         run.shardings, run.batch_sharding, run.mesh)
     eval_step, eval_batches = run.eval_step(), None
     writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, cfg.progress_bar)
@@ -108,8 +109,8 @@ def train(run: Run, hooks=()) -> dict:
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     eval_batches = eval_batches or run.task.eval_batches(jax.process_index(),
                                                                          jax.process_count())
-                    results = heldout.evaluate(eval_step, state.params, eval_batches, run.task,
-                                               run.to_global)
+                    results = heldout.evaluate(eval_step, state_lib.inference_params(state), eval_batches,
+                                               run.task, run.to_global)
                     writer.write(step, {f"eval_{k}": v for k, v in results.items()})
                     heldout.write_results(workdir, step, config.data.eval_split, results)
                     last_time = time.perf_counter()  # eval time is not training throughput
@@ -118,7 +119,7 @@ def train(run: Run, hooks=()) -> dict:
                 for hook in hooks:
                     hook(step, state, step_metrics)
         if start < cfg.steps:  # samples run unconstrained: a few prompts need not fill the mesh
-            run.task.write_samples(state.params, workdir, cfg.steps)
+            run.task.write_samples(state_lib.inference_params(state), workdir, cfg.steps)
     finally:
         ckpts.wait()
         ckpts.close()
@@ -138,7 +139,7 @@ def _inference_params(run: Run):
     ckpts = checkpoint.Checkpoints(run.workdir, run.config.train.keep_checkpoints)
     state, _ = ckpts.restore(step, run.abstract)
     ckpts.close()
-    return state.params, step
+    return state_lib.inference_params(state), step
 
 
 def evaluate(run: Run) -> dict:

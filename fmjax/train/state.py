@@ -17,24 +17,38 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 PRNG key; per-step keys are fold_in(rng, step)
+    ema: Any = None  # exponential moving average of params (train.ema_decay > 0), else None
 
 
-def _init_fn(task, tx, seed: int, batch_size: int):
+def inference_params(state: TrainState):
+    """The parameters eval and sampling use: the EMA where the run keeps one."""
+    return state.params if state.ema is None else state.ema
+
+
+def init_params(task, rng, batch):
+    """The task's initial (boxed) params; a task whose model takes more than batch["inputs"]
+    (e.g. a diffusion model's timestep and labels) defines init_params(rng, batch) itself."""
+    if hasattr(task, "init_params"):
+        return task.init_params(rng, batch)
+    return task.model.init(rng, batch["inputs"])["params"]
+
+
+def _init_fn(task, tx, seed: int, batch_size: int, ema: bool):
     # tx.init sees the boxed (logically annotated) params, so the optimizer state inherits the
-    # parameters' logical axes and is sharded like them.
+    # parameters' logical axes and is sharded like them; so does the EMA copy.
     def init():
         rng = jax.random.PRNGKey(seed)
         batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in task.abstract_batch(batch_size).items()}
-        params = task.model.init(jax.random.fold_in(rng, 0), batch["inputs"])["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1))
+        params = init_params(task, jax.random.fold_in(rng, 0), batch)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.fold_in(rng, 1), ema=params if ema else None)
     return init
 
 
-def abstract_state(task, tx, seed: int, mesh, rules):
+def abstract_state(task, tx, seed: int, mesh, rules, ema: bool = False):
     """(abstract TrainState with plain ShapeDtypeStructs, NamedSharding tree). No compute."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(_init_fn(task, tx, seed, 1))
+        boxed = jax.eval_shape(_init_fn(task, tx, seed, 1, ema))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings)
@@ -59,7 +73,7 @@ def check_divisible(abstract):
 
 def init_state(task, tx, seed: int, abstract, shardings):
     """Initialises the state directly into its shardings (no host copy of the full model)."""
-    init = _init_fn(task, tx, seed, 1)
+    init = _init_fn(task, tx, seed, 1, abstract.ema is not None)
     mesh = jax.tree.leaves(abstract)[0].sharding.mesh
     with jax.set_mesh(mesh):
         return jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()

@@ -18,7 +18,14 @@ def _split_microbatches(batch, m):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(task, tx, lr_schedule, microbatches: int):
+def ema_update(ema, params, decay: float, step):
+    """decay * ema + (1 - decay) * params, with the decay warmed up as (1 + step) / (10 + step) so the
+    average is not dominated by the random init early on (as in Keras / timm EMA)."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def make_train_step(task, tx, lr_schedule, microbatches: int, ema_decay: float = 0.0):
     grad_fn = jax.value_and_grad(task.loss, has_aux=True)
 
     def train_step(state: TrainState, batch):
@@ -40,10 +47,11 @@ def make_train_step(task, tx, lr_schedule, microbatches: int):
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = None if state.ema is None else ema_update(state.ema, params, ema_decay, state.step)
         metrics = {k: v / weight for k, v in sums.items() if k != "weight"}
         metrics.update(grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step),
                        weight=sums["weight"])
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step
 

@@ -103,3 +103,26 @@ def test_golden_metrics_of_two_tiny_steps():
     np.testing.assert_allclose([first["loss"], first["z_loss"], first["grad_norm"]],
                                [4.539107, 21.296295, 15.004436], rtol=2e-5)
     np.testing.assert_allclose([second["loss"], second["grad_norm"]], [3.631950, 10.479939], rtol=2e-5)
+
+
+def test_ema_follows_the_warmed_up_recurrence_and_params_are_unchanged_by_it():
+    config = tiny_config(ema_decay=0.9)
+    task = LMTask(config, types.SimpleNamespace(token_bytes=np.ones(config.model.vocab_size, np.int32)))
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    tx = optim.optimizer(config)
+    abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh,
+                                                   sharding.rules_from_config(config.sharding_rules), ema=True)
+    state = state_lib.init_state(task, tx, config.seed, abstract, shardings)
+    with_ema = jax.jit(step_lib.make_train_step(task, tx, optim.schedule(config), 1, ema_decay=0.9))
+    _, plain_state, plain = make(config)
+    expected = state.params
+    for i in range(3):
+        batch = random_batch(config, seed=i)
+        state, _ = with_ema(state, batch)
+        plain_state, _ = plain(plain_state, batch)
+        decay = min(0.9, (1 + i) / (10 + i))
+        expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, expected, state.params)
+    jax.tree.map(np.testing.assert_array_equal, state.params, plain_state.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.ema, expected)
+    assert state_lib.inference_params(state) is state.ema
+    assert plain_state.ema is None and state_lib.inference_params(plain_state) is plain_state.params
