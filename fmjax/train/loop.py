@@ -159,7 +159,8 @@ def sample(run: Run) -> str:
     """mode=sample: writes samples of the newest checkpoint (or of init_from)."""
     params, step = _inference_params(run)
     path = run.task.write_samples(params, run.workdir, step)
-    print(open(path).read() + f"wrote {path}", flush=True)
+    shown = open(path).read() if path.endswith(".txt") else ""  # text samples; images stay files
+    print(shown + f"wrote {path}", flush=True)
     return path
 
 

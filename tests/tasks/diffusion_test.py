@@ -107,3 +107,12 @@ def test_captions_train_and_sample_end_to_end(tmp_path):
     results = loop.train(loop.setup(config, str(tmp_path / "run")))
     assert "class_accuracy" in results and (tmp_path / "run" / "tokenizer.model").is_file()
     assert (tmp_path / "run" / "samples" / "step_2.png").is_file()
+
+
+def test_mode_sample_writes_a_grid_from_the_ema_of_the_latest_checkpoint(full_run):
+    full, _ = full_run
+    config = small_config(full.parent)
+    config.mode = "sample"
+    path = loop.sample(loop.setup(config, str(full), jax.devices()[:1]))
+    assert path.endswith("step_6.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(full / "samples" / "step_6.png")))
