@@ -91,12 +91,11 @@ class DiffusionTask:
         return self.model.apply(variables, x_t, t_B, labels, **kwargs)
 
     def init_params(self, rng, batch):
-        b = batch["images"].shape[0]
-        t, keep = jnp.zeros((b,), jnp.float32), jnp.ones((b,), bool)
+        t = jnp.zeros(batch["images"].shape[:1], jnp.float32)
         if self.text:
             return self.model.init(rng, batch["images"], t, batch["caption_inputs"],
                                    batch["caption_segment_ids"], batch["caption_positions"])["params"]
-        return self.model.init(rng, batch["images"], t, jnp.where(keep, batch["labels"], 0))["params"]
+        return self.model.init(rng, batch["images"], t, batch["labels"])["params"]
 
     def _errors(self, params, batch, i_B, noise_BxHxWxC, keep_B, rng=None):
         """Per-image mean squared error of the prediction at step indices i_B."""
