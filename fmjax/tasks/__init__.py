@@ -41,8 +41,12 @@ class Task(Protocol):
     def write_samples(self, params, workdir: str, step: int) -> str | None:
         """Writes a few samples under workdir/samples; returns the path."""
 
-    # Optional: init_params(rng, batch) when the model takes more than batch["inputs"] (see
-    # train/state.py), and sample_scores(params) -> dict of generated-sample scores added to eval.
+    # Optional:
+    #   init_params(rng, batch)  when the model takes more than batch["inputs"] (train/state.py)
+    #   sample_scores(params)    dict of generated-sample scores added to eval
+    #   trainable(params)        bool tree; False leaves are frozen: no updates, no optimizer state
+    #   pretrained_slots         top-level keys of a multi-model parameter tree that take
+    #                            config.init_from's parameters (train/loop.py pretrained_params)
 
 
 def _registered(config):

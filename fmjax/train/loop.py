@@ -45,7 +45,7 @@ def setup(config, workdir: str, devices=None) -> Run:
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.sharding_rules)
     task = build_task(config, workdir)
-    tx = optim.optimizer(config)
+    tx = optim.optimizer(config, getattr(task, "trainable", None))
     abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh, rules,
                                                    ema=config.train.ema_decay > 0)
     return Run(config, workdir, mesh, rules, task, tx, abstract, shardings,
@@ -78,7 +78,7 @@ def train(run: Run, hooks=()) -> dict:
     else:
         state = state_lib.init_state(run.task, run.tx, config.seed, run.abstract, run.shardings)
         if config.init_from:
-            params, fresh = checkpoint.restore_params(config.init_from, run.abstract.params, state.params)
+            params, fresh = pretrained_params(run, state.params)
             state = state.replace(params=params, ema=None if state.ema is None else params)
             print(f"init_from {config.init_from}; newly initialised: {fresh or 'nothing'}", flush=True)
     train_step = step_lib.jit_train_step(
@@ -127,11 +127,28 @@ def train(run: Run, hooks=()) -> dict:
     return results
 
 
+def pretrained_params(run: Run, params):
+    """(`params` with config.init_from's parameters in place, names left as initialised).
+
+    A task whose parameter tree holds more than one model names the subtrees that take the
+    pretrained model in `pretrained_slots` (LoRA's frozen base; DPO's policy and reference); the
+    other subtrees (e.g. LoRA adapters) keep their initialisation.
+    """
+    path, slots = run.config.init_from, getattr(run.task, "pretrained_slots", None)
+    if slots is None:
+        return checkpoint.restore_params(path, run.abstract.params, params)
+    params, fresh = dict(params), [name for name in params if name not in slots]
+    for slot in slots:
+        params[slot], slot_fresh = checkpoint.restore_params(path, run.abstract.params[slot], params[slot])
+        fresh += [f"{slot}/{name}" for name in slot_fresh]
+    return params, fresh
+
+
 def _inference_params(run: Run):
     """(params, step) of the newest checkpoint in the workdir, else of config.init_from (step 0)."""
     if checkpoint.latest_step(run.workdir) is None and run.config.init_from:
         init = state_lib.init_state(run.task, run.tx, run.config.seed, run.abstract, run.shardings).params
-        params, fresh = checkpoint.restore_params(run.config.init_from, run.abstract.params, init)
+        params, fresh = pretrained_params(run, init)
         print(f"parameters from init_from {run.config.init_from}; newly initialised: {fresh or 'nothing'}",
               flush=True)
         return params, 0

@@ -21,9 +21,17 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def optimizer(config) -> optax.GradientTransformation:
+def optimizer(config, trainable=None) -> optax.GradientTransformation:
+    """AdamW with clipping; with `trainable` (params -> bool tree, e.g. a task's frozen base or
+    reference model), only the True leaves are updated and have optimizer state; the others get
+    zero updates and no state (optax.set_to_zero)."""
     o = config.optim
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=_decay_mask))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if trainable is None:
+        return tx
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params)))
