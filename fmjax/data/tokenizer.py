@@ -25,9 +25,12 @@ from fmjax.data import sources
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 WORKDIR_FILE = "tokenizer.model"
 MASK_PIECE = "<mask>"  # id 4 in trained tokenizers: masked-LM input (never produced by encode)
+# Ids 5-8 in trained tokenizers: chat role markers and end of turn (fmjax.data.chat). Control
+# pieces, so encode never produces them: text that spells "<|user|>" cannot forge a turn.
+CHAT_PIECES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 MODEL_TYPES = {"bpe": "bpe", "unigram": "unigram"}  # data.tokenizer_type -> sentencepiece type
-# Five special ids and 256 byte-fallback pieces come before any learned piece.
-MIN_VOCAB_SIZE = 5 + 256 + 1
+# Nine special ids and 256 byte-fallback pieces come before any learned piece.
+MIN_VOCAB_SIZE = 5 + len(CHAT_PIECES) + 256 + 1
 # Sentencepiece sees text in chunks of at most this many characters (cut at line breaks), and
 # at most _MAX_TRAIN_CHARS of the train split: plenty for a 32k vocabulary, and single-threaded
 # training stays within minutes (40M chars: ~15 s bpe, ~200 s unigram, ~1 GB of memory).
@@ -49,7 +52,7 @@ _TRAINER_ARGS = dict(
     unk_id=UNK_ID,
     bos_id=BOS_ID,
     eos_id=EOS_ID,
-    control_symbols=[MASK_PIECE],
+    control_symbols=[MASK_PIECE, *CHAT_PIECES],
     minloglevel=2,
 )
 
@@ -73,11 +76,15 @@ class Tokenizer:
                              f"pad={PAD_ID}, unk={UNK_ID}, bos={BOS_ID}, eos={EOS_ID}")
         self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)],
                                     dtype=np.int32)
-        mask_id = self._sp.piece_to_id(MASK_PIECE)
-        self.mask_id: int | None = None if mask_id == UNK_ID else mask_id  # None: a tokenizer from elsewhere
+        self.mask_id: int | None = self.piece_id(MASK_PIECE)  # None: a tokenizer from elsewhere
         # Pieces that begin a word (whole-word masking); byte pieces count as continuations.
         self.word_start = np.array([self._sp.id_to_piece(i).startswith("\u2581") or self._sp.is_control(i)
                                     for i in range(self.vocab_size)], dtype=bool)
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of `piece` (e.g. a control piece such as a chat marker), None if it has none."""
+        i = self._sp.piece_to_id(piece)
+        return None if i == UNK_ID and piece != self._sp.id_to_piece(UNK_ID) else i
 
     def _piece_bytes(self, i: int) -> int:
         """Bytes piece `i` adds to decoded text (used as the bits-per-byte denominator)."""
@@ -138,7 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{sorted(MODEL_TYPES)}")
     if config.model.vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is too small to train a "
-                         f"tokenizer; it needs at least {MIN_VOCAB_SIZE} (5 special ids, 256 "
+                         f"tokenizer; it needs at least {MIN_VOCAB_SIZE} (9 special ids, 256 "
                          "byte-fallback pieces) plus one per distinct character of the corpus")
 
 

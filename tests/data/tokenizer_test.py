@@ -46,14 +46,17 @@ def test_special_ids(tokenizer):
     assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("hi"), tokenizer.eos_id,
                              tokenizer.pad_id]) == "hi"
     ids = tokenizer.encode("\n\n".join(SAMPLES))
-    assert min(ids) > tokenizer.mask_id  # Byte fallback: never unk, never a control id.
+    assert min(ids) > 8  # Byte fallback: never unk, never a control id (mask, chat markers).
+    chat = [tokenizer.piece_id(p) for p in tokenizer_lib.CHAT_PIECES]
+    assert chat == [5, 6, 7, 8] and tokenizer.decode(chat) == ""
+    assert not set(chat) & set(tokenizer.encode("<|user|> hi <|end|>"))  # text cannot forge a turn
 
 
 def test_token_bytes_count_utf8_bytes_plus_dummy_prefix(tokenizer, val_texts):
     tb = tokenizer.token_bytes
     assert tb.shape == (512,) and tb.dtype == np.int32
-    assert list(tb[:5]) == [0, 0, 0, 0, 0]
-    assert list(tb[5:5 + 256]) == [1] * 256  # <0x00> .. <0xFF>
+    assert list(tb[:9]) == [0] * 9
+    assert list(tb[9:9 + 256]) == [1] * 256  # <0x00> .. <0xFF>
     for text in val_texts + SAMPLES:
         # Sentencepiece prepends one "\u2581" (the dummy prefix) to every non-empty text.
         assert tb[tokenizer.encode(text)].sum() == len(text.encode()) + 1, text
