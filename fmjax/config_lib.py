@@ -10,12 +10,12 @@ import ml_collections
 
 from fmjax import sharding
 
-MODES = ("train", "eval", "sample", "embed")
+MODES = ("train", "eval", "sample", "embed", "chat", "export")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # train | eval | sample | embed (encoders)
+    c.mode = "train"  # train | eval | sample | embed (encoders) | chat (sft, preference) | export (merged params)
     c.seed = 0
     c.init_from = ""  # a workdir or checkpoints/<step> directory to take parameters from
     c.model = ml_collections.ConfigDict()
@@ -31,6 +31,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0  # global gradient norm clip; 0 disables
+    # LoRA (fmjax/peft/lora.py): train low-rank adapters of the targeted kernels, base frozen.
+    c.optim.lora = ml_collections.ConfigDict()
+    c.optim.lora.rank = 0  # 0: LoRA off (every parameter trains)
+    c.optim.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+    c.optim.lora.dropout = 0.0  # drops input rows of A per step (one mask for all tokens), not per token
+    # Regular expressions re.search-ed in "/"-joined parameter paths (e.g. layers/attn/query/kernel);
+    # each must match at least one matrix. Default: every attention and MLP kernel. A tuple, so the
+    # command line can set it: --config.optim.lora.targets="('attn/(query|value)/kernel',)".
+    c.optim.lora.targets = ("attn/(query|key|value|out)/kernel", "mlp/(wi_gate|wi_up|wi|wo)/kernel")
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices left over by the other axes
@@ -82,6 +91,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]
                          f" is not divisible by the data-parallel size {data_parallel}")
     if not 0 <= train.ema_decay < 1:
         raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0: no EMA)")
+    from fmjax.peft import lora  # local: keeps this module's import light
+    lora.LoraConfig.from_config(config)
     if not 0 <= config.optim.warmup < config.train.steps:
         raise ValueError(f"optim.warmup={config.optim.warmup} must be in [0, train.steps)")
     for i, rule in enumerate(config.sharding_rules):

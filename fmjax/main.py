@@ -66,9 +66,13 @@ def main(argv):
         if config.mode == "embed":
             embed.validate(config)
         run = loop.setup(config, workdir)
+        if config.mode == "chat" and not hasattr(run.task, "chat_params"):
+            raise ValueError(f"mode=chat needs a chat-tuned model (task.name=sft or preference), not "
+                             f"task.name={config.task.name!r}")
     except ValueError as e:
         _fail(str(e))
-    modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample, "embed": loop.embed}
+    modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample, "embed": loop.embed,
+             "chat": loop.chat, "export": loop.export}
     modes[config.mode](run)
     if config.mode == "train":
         print(_outputs(workdir), flush=True)

@@ -5,7 +5,8 @@ Glossary (the only axis names models may use):
                heads, kv_heads, head_dim, layers, table (rows of small lookup tables: learned
                positions, token types), classes, conv_in, conv_out (a conv kernel's input and output
                channels), conv_height, conv_width (its spatial size), image_channels (the few
-               channels of an image a model reads or writes, e.g. 1 or 3: too few to split)
+               channels of an image a model reads or writes, e.g. 1 or 3: too few to split),
+               lora_rank (the rank axis of LoRA adapters, fmjax/peft/lora.py: small, never split)
   activations: act_batch, act_seq, act_embed, act_mlp, act_heads, act_kv_heads, act_vocab
 Mesh axes: data (pure data parallel), fsdp (data parallel + parameter/optimizer sharding),
 tensor (tensor/model parallel).
@@ -46,6 +47,7 @@ DEFAULT_RULES = (
     ("conv_height", None),
     ("conv_width", None),
     ("image_channels", None),
+    ("lora_rank", None),
 )
 
 
@@ -95,7 +97,15 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules):
-    """NamedShardings for a tree of (possibly logically boxed) abstract values."""
+    """NamedShardings for a tree of (possibly logically boxed) abstract values.
+
+    A box that holds no array (optax's MaskedNode: the absent optimizer state of a frozen
+    parameter, see train/optim.py) is replaced by what it holds, as unboxing does, so the
+    shardings have the structure of the unboxed tree.
+    """
+    abstract_tree = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x.value) else x,
+        abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     specs = nn.get_partition_spec(abstract_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 

@@ -9,7 +9,7 @@ Pretrain, then fine-tune from the pretraining workdir:
       --config.init_from=runs/encoder
 
 init_from also chooses the tokenizer (runs/encoder/tokenizer.model, the one the encoder knows; see
-fmjax/tasks/classify.py). Left empty, the classifier trains from scratch with a tokenizer trained
+finetune_file in fmjax/data/tokenizer.py). Left empty, the classifier trains from scratch with a tokenizer trained
 on the train passages. Other labelled data: --config.data.source=jsonl --config.data.path=x.jsonl.
 """
 import pathlib

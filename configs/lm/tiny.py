@@ -30,7 +30,9 @@ def get_config():
     c.task.z_loss = 1e-4  # coefficient of log(Z)^2, keeps logits from drifting
     c.task.sample_prompts = ["The for statement", "A class definition", "Exceptions are"]
     c.task.sample_tokens = 48
-    c.task.sample_temperature = 0.7
+    c.task.sample_temperature = 0.7  # 0: greedy
+    c.task.sample_top_k = 0  # 0: off
+    c.task.sample_top_p = 1.0  # nucleus sampling; 1: off
 
     c.data.source = "pydoc"  # pydoc | text | jsonl | tfds
     c.data.path = ""  # the .txt / .jsonl file for source=text|jsonl

@@ -50,7 +50,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fmjax.data import labelled
-from fmjax.data import sources
+from fmjax.data import pipeline, sources
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _DIGIT_NUMERALS = {**{name: i for i, name in enumerate(DIGIT_NAMES)}, **{str(i): i for i in range(10)}}
@@ -383,12 +383,9 @@ def make_eval_batches(config, images: Images, process_index: int = 0, process_co
                       tokenizer=None) -> list[dict[str, np.ndarray]]:
     """Every validation example once, in order, in global batches (the last padded by weight-0 rows),
     of which this process takes its rows. Not capped by train.eval_batches: take a prefix for less."""
-    local_batch = _local_batch_size(config, process_count)
+    _local_batch_size(config, process_count)  # checks divisibility
     global_batch = config.train.batch_size
     row = _rows(config, images.validation_images, images.validation_labels, images.class_names, tokenizer)
     ds = grain.MapDataset.range(len(images.validation_labels)).map(lambda index: row(index, index))
     batches = list(ds.batch(global_batch, drop_remainder=False))
-    missing = global_batch - len(batches[-1]["labels"])
-    batches[-1] = {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batches[-1].items()}
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    return [{k: v[rows] for k, v in b.items()} for b in batches]
+    return pipeline.process_eval_batches(batches, global_batch, process_index, process_count)

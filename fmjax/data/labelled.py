@@ -34,7 +34,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from fmjax.data import sources
+from fmjax.data import pipeline, sources
 from fmjax.data import tokenizer as tokenizer_lib
 
 SOURCES = ("domains", "jsonl")
@@ -294,11 +294,8 @@ def make_eval_batches(config, tokenizer, examples: Examples, process_index: int 
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Every validation example in order, in global batches (the last padded by weight-0 rows), of
     which this process takes its rows."""
-    local_batch = _local_batch_size(config, process_count)
+    _local_batch_size(config, process_count)  # checks divisibility
     global_batch = config.train.batch_size
     ds = grain.MapDataset.source(list(examples.validation)).map(tokenize(tokenizer, config.data.seq_len))
     batches = list(ds.batch(global_batch, drop_remainder=False))
-    missing = global_batch - len(batches[-1]["labels"])
-    batches[-1] = {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batches[-1].items()}
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    return [{k: v[rows] for k, v in b.items()} for b in batches]
+    return pipeline.process_eval_batches(batches, global_batch, process_index, process_count)

@@ -128,9 +128,16 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizer_
     return _ResumableIterator(iter(ds))
 
 
-def _pad_rows(batch: Batch, rows: int) -> Batch:
-    missing = rows - len(batch["inputs"])
-    return {k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+def process_eval_batches(batches: list[Batch], global_batch: int, process_index: int,
+                         process_count: int) -> list[Batch]:
+    """Global eval batches -> this process's rows of each, the last batch first padded to
+    global_batch with zero rows (zero loss mask / weight, so they count for nothing)."""
+    missing = global_batch - len(next(iter(batches[-1].values())))
+    batches = batches[:-1] + [{k: np.pad(v, [(0, missing)] + [(0, 0)] * (v.ndim - 1))
+                               for k, v in batches[-1].items()}]
+    local_batch = global_batch // process_count
+    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+    return [{k: v[rows] for k, v in b.items()} for b in batches]
 
 
 def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
@@ -141,7 +148,7 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
     gets the same number of batches and the union over processes does not depend on how many
     there are.
     """
-    local_batch = _local_batch_size(config, process_index, process_count)
+    _local_batch_size(config, process_index, process_count)  # checks the process index and divisibility
     global_batch = config.train.batch_size
     source = sources.load_split(config, config.data.eval_split)
     ds = _packed_rows(grain.MapDataset.source(source), config, tokenizer)
@@ -150,9 +157,7 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
     if not batches:
         raise ValueError(f"data.eval_split={config.data.eval_split!r} of {source.name} yields no "
                          "tokens; choose a non-empty split")
-    batches[-1] = _pad_rows(batches[-1], global_batch)
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    return [{k: v[rows] for k, v in b.items()} for b in batches]
+    return process_eval_batches(batches, global_batch, process_index, process_count)
 
 
 def pack_documents(docs: Sequence[Sequence[int]], seq_len: int) -> Batch:

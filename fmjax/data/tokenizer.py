@@ -14,7 +14,7 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -119,6 +119,59 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokeni
         raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tokenizer.path} "
                          f"has {tokenizer.vocab_size} pieces")
     return tokenizer
+
+
+def _pretrained_file(init_from: str) -> str:
+    """Where init_from keeps its tokenizer: a Hugging Face BERT folder is its own tokenizer; a
+    workdir (or its checkpoints/<step>) holds tokenizer.model."""
+    from fmjax.interop import hf_bert
+    path = pathlib.Path(init_from)
+    if hf_bert.is_hf_folder(path):
+        return str(path)
+    workdir = path.parent.parent if path.name.isdigit() else path
+    return str(workdir / WORKDIR_FILE)
+
+
+def _same(a: str, b: str) -> bool:
+    if os.path.isdir(a) or os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes()
+
+
+def finetune_file(config: ml_collections.ConfigDict, scratch: Callable[[], str]) -> str:
+    """The tokenizer file (or Hugging Face folder) a fine-tuning run uses.
+
+    A fine-tuned model only understands the ids it was pretrained with, so the user names one
+    thing: data.tokenizer if set; else, with init_from, the tokenizer the pretraining workdir holds
+    (or the Hugging Face folder itself); else (from scratch) `scratch()`, e.g. one trained on the
+    fine-tuning texts. data.tokenizer and init_from's tokenizer must agree when both are given.
+    """
+    given = config.data.tokenizer
+    if given and not os.path.exists(given):
+        raise ValueError(f"data.tokenizer={given!r} does not exist")
+    pretrained = _pretrained_file(config.init_from) if config.init_from else ""
+    if pretrained and not os.path.exists(pretrained):
+        if given:
+            return given
+        raise ValueError(f"init_from={config.init_from!r} has no {pretrained}; set data.tokenizer to the "
+                         "tokenizer that model was pretrained with")
+    if given and pretrained and not _same(given, pretrained):
+        raise ValueError(f"data.tokenizer={given!r} is not the tokenizer the init_from model was "
+                         f"pretrained with ({pretrained}); set data.tokenizer=''")
+    return given or pretrained or scratch()
+
+
+def finetune_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                       scratch: Callable[[], str]) -> tuple[ml_collections.ConfigDict, Tokenizer]:
+    """(config with data.tokenizer set to finetune_file's choice, the workdir's tokenizer). A resumed
+    run keeps the copy in its own workdir."""
+    if not os.path.exists(os.path.join(workdir, WORKDIR_FILE)):
+        path = finetune_file(config, scratch)
+        if path != config.data.tokenizer:
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.data.tokenizer = path
+    return config, workdir_tokenizer(config, workdir)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

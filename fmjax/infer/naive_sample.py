@@ -1,9 +1,14 @@
-"""Full-recompute sampling (no KV cache): simple and obviously right; one jitted loop per call.
+"""Full-recompute sampling (no KV cache): the reference that fmjax.infer.generate is tested and
+benchmarked against (tests/infer/generate_test.py, experiments/bench/generate.py). Generation
+everywhere else uses fmjax.infer.generate.
 
 Every prompt sits left-aligned in a fixed B x T buffer; at each step the whole buffer is run
 through the model and each row's next token is drawn from the logits at its own last position.
+Simple and obviously right, and quadratic in the generated length.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +23,9 @@ def sample(model, params, tokenizer, prompts, max_new_tokens: int, temperature: 
     """
     encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     lengths = np.array([len(e) for e in encoded], np.int32)
-    total = int(lengths.max()) + max_new_tokens
-    buf = np.full((len(prompts), total), tokenizer.pad_id, np.int32)
-    for row, ids in enumerate(encoded):
-        buf[row, :len(ids)] = ids
-    out = _generate(model, params, jnp.asarray(buf), jnp.asarray(lengths), max_new_tokens,
-                    float(temperature), rng)
-    out = np.asarray(out)
+    buf = left_aligned(encoded, int(lengths.max()) + max_new_tokens, tokenizer.pad_id)
+    out = np.asarray(generate_buffer(model, params, jnp.asarray(buf), jnp.asarray(lengths), rng,
+                                     steps=max_new_tokens, temperature=float(temperature)))
     texts = []
     for row, length in enumerate(lengths):
         new = out[row, length:length + max_new_tokens].tolist()
@@ -34,20 +35,26 @@ def sample(model, params, tokenizer, prompts, max_new_tokens: int, temperature: 
     return texts
 
 
-def _generate(model, params, buf_BxT, lengths_B, steps, temperature, rng):
-    @jax.jit
-    def run(params, buf_BxT, lengths_B, rng):
-        rows = jnp.arange(buf_BxT.shape[0])
+def left_aligned(prompts, total: int, pad_id: int) -> np.ndarray:
+    """B x total int32: each prompt at the start of its row, pad_id after."""
+    buf = np.full((len(prompts), total), pad_id, np.int32)
+    for row, ids in enumerate(prompts):
+        buf[row, :len(ids)] = ids
+    return buf
 
-        def body(i, buf_BxT):
-            logits_BxTxV = model.apply({"params": params}, buf_BxT)
-            last_BxV = logits_BxTxV[rows, lengths_B + i - 1]
-            if temperature > 0:
-                token_B = jax.random.categorical(jax.random.fold_in(rng, i), last_BxV / temperature)
-            else:
-                token_B = jnp.argmax(last_BxV, axis=-1)
-            return buf_BxT.at[rows, lengths_B + i].set(token_B.astype(buf_BxT.dtype))
 
-        return jax.lax.fori_loop(0, steps, body, buf_BxT)
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature"))
+def generate_buffer(model, params, buf_BxT, lengths_B, rng, *, steps: int, temperature: float):
+    """buf_BxT with `steps` tokens written after each row's prompt (eos is not special here)."""
+    rows = jnp.arange(buf_BxT.shape[0])
 
-    return run(params, buf_BxT, lengths_B, rng)
+    def body(i, buf_BxT):
+        logits_BxTxV = model.apply({"params": params}, buf_BxT)
+        last_BxV = logits_BxTxV[rows, lengths_B + i - 1]
+        if temperature > 0:
+            token_B = jax.random.categorical(jax.random.fold_in(rng, i), last_BxV / temperature)
+        else:
+            token_B = jnp.argmax(last_BxV, axis=-1)
+        return buf_BxT.at[rows, lengths_B + i].set(token_B.astype(buf_BxT.dtype))
+
+    return jax.lax.fori_loop(0, steps, body, buf_BxT)

@@ -2,7 +2,9 @@
 
 Token embedding, pre-RMSNorm blocks of grouped-query attention with RoPE and a SwiGLU MLP,
 optional tied output embedding, layers scanned or unrolled, remat policy per config.
-Shapes: B batch, L sequence, D model width, V vocabulary.
+Generation: `decode=True` runs the layers against a KV cache (the "cache" collection, see
+fmjax.nn.attention and init_cache); fmjax.infer.generate drives it.
+Shapes: B batch, L sequence, T cache slots, D model width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -96,6 +98,7 @@ class DecoderConfig(ModelConfig):
 
 class DecoderBlock(nn.Module):
     config: DecoderConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
@@ -103,7 +106,7 @@ class DecoderBlock(nn.Module):
         dtype = DTYPES[cfg.dtype]
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxLxD)
         h = Attention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.attention,
-                      dtype, name="attn")(h, positions_BxL, segment_ids_BxL)
+                      dtype, name="attn")(h, positions_BxL, segment_ids_BxL, decode=self.decode)
         x_BxLxD = x_BxLxD + h
         h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + SwiGLU(cfg.mlp_dim, dtype, name="mlp")(h)
@@ -115,10 +118,17 @@ class DecoderLM(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None):
-        """Returns float32 logits B x L x V."""
+    def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False):
+        """Returns float32 logits B x L x V.
+
+        decode=True (apply with mutable=["cache"] and a cache from init_cache): the L tokens are
+        the next ones of each row; their keys and values join the cache at its current slots and
+        they attend to everything cached before them. Positions must then be given.
+        """
         cfg = self.config
         dtype = DTYPES[cfg.dtype]
+        if decode and positions_BxL is None:
+            raise ValueError("DecoderLM(decode=True) needs positions_BxL: a row's position is not its cache slot")
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
         if segment_ids_BxL is None:
@@ -128,16 +138,16 @@ class DecoderLM(nn.Module):
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("act_batch", "act_seq", "act_embed"))
 
         block = DecoderBlock
-        if cfg.remat != "none":
+        if cfg.remat != "none" and not decode:  # remat saves training memory; decoding has no backward pass
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+            layers = nn.scan(block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxLxD, _ = layers(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
+            x_BxLxD, _ = layers(cfg, decode, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL)
         else:
             for i in range(cfg.n_layers):
-                x_BxLxD, _ = block(cfg, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
+                x_BxLxD, _ = block(cfg, decode, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
 
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
         if cfg.tie_embeddings:
@@ -149,6 +159,17 @@ class DecoderLM(nn.Module):
                                     name="lm_head")(x_BxLxD)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_seq", "act_vocab"))
         return logits_BxLxV.astype(jnp.float32)
+
+
+def init_cache(model: DecoderLM, batch_size: int, length: int) -> dict:
+    """An empty KV cache of `length` slots per row (every slot empty, index 0): the "cache" collection.
+
+    Shapes only are traced (no parameters are made); the arrays are zeros, created where this runs
+    (inside a jitted function they follow its sharding).
+    """
+    tokens_BxT = jnp.zeros((batch_size, length), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens_BxT, tokens_BxT, decode=True)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def stack_layers(params: dict, n_layers: int) -> dict:

@@ -1,7 +1,15 @@
 """Grouped-query self-attention: causal with RoPE (decoder) or bidirectional (encoder), packed-segment masking.
 
-Shapes: B batch, L sequence (queries), S sequence (keys), D model width, N query heads,
-K key/value heads (N % K == 0), E head dim.
+Decode mode (generation) keeps a KV cache in the "cache" variable collection: key and value
+buffers B x S x K x E, the segment id of every slot B x S (0 = empty or padding) and the index of
+the next free slot. S is the length of the input the cache was created with (see
+fmjax.models.decoder.init_cache). A decode call writes its L keys and values at slots
+[index, index + L), advances the index, and lets query l (at slot index + l) attend to every slot
+s <= index + l of its own segment. The caller keeps index + L <= S (dynamic_update_slice would
+clamp a write past the end).
+
+Shapes: B batch, L sequence (queries), S sequence (keys; in decode mode the cache slots),
+D model width, N query heads, K key/value heads (N % K == 0), E head dim.
 """
 import flax.linen as nn
 import jax
@@ -18,6 +26,19 @@ def segment_mask(segment_ids_BxL):
     return (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]  # B x 1 x L x S
 
 
+def cache_mask(cached_segment_ids_BxS, segment_ids_BxL, first_slot):
+    """Decode mask B x 1 x L x S: query l (at slot first_slot + l) sees slot s <= its own slot of its segment.
+
+    A query always sees its own slot, so no row is all-masked: a padding query (segment 0) attends
+    to padding only, and no real query ever sees a padding or empty slot.
+    """
+    slots_S = jnp.arange(cached_segment_ids_BxS.shape[1])
+    query_slots_L = first_slot + jnp.arange(segment_ids_BxL.shape[1])
+    causal_LxS = slots_S[None, :] <= query_slots_L[:, None]
+    same_segment_BxLxS = segment_ids_BxL[:, :, None] == cached_segment_ids_BxS[:, None, :]
+    return (same_segment_BxLxS & causal_LxS[None])[:, None]
+
+
 class Attention(nn.Module):
     n_heads: int
     n_kv_heads: int
@@ -30,7 +51,7 @@ class Attention(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, decode: bool = False):
         width = x_BxLxD.shape[-1]
         n, k, e = self.n_heads, self.n_kv_heads, self.head_dim
         bias = self.use_bias
@@ -43,10 +64,38 @@ class Attention(nn.Module):
         q_BxLxNxE = nn.with_logical_constraint(q_BxLxNxE, ("act_batch", "act_seq", "act_heads", None))
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, ("act_batch", "act_seq", "act_kv_heads", None))
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, ("act_batch", "act_seq", "act_kv_heads", None))
-        # is_causal lets cuDNN skip the upper triangle; XLA folds it into the segment mask.
+        if decode:
+            if not self.causal:
+                raise ValueError("Attention(decode=True) needs causal=True: a KV cache serves causal decoding")
+            k_BxSxKxE, v_BxSxKxE, mask_Bx1xLxS = self._append_to_cache(k_BxSxKxE, v_BxSxKxE, segment_ids_BxL)
+            # The queries sit at the cache's current slots, not at 0..L-1, so causality is in the mask;
+            # a few queries against the cache are a plain XLA attention.
+            is_causal, implementation = False, "xla"
+        else:
+            # is_causal lets cuDNN skip the upper triangle; XLA folds it into the segment mask.
+            mask_Bx1xLxS, is_causal, implementation = segment_mask(segment_ids_BxL), self.causal, self.implementation
         out_BxLxNxE = jax.nn.dot_product_attention(
-            q_BxLxNxE, k_BxSxKxE, v_BxSxKxE, mask=segment_mask(segment_ids_BxL), is_causal=self.causal,
-            implementation=self.implementation)
+            q_BxLxNxE, k_BxSxKxE, v_BxSxKxE, mask=mask_Bx1xLxS, is_causal=is_causal,
+            implementation=implementation)
         out_BxLxNxE = nn.with_logical_constraint(out_BxLxNxE, ("act_batch", "act_seq", "act_heads", None))
         return dense(width, ("heads", "head_dim", "embed"), self.dtype, "out", n_contract=2,
                      use_bias=bias)(out_BxLxNxE)
+
+    def _append_to_cache(self, k_BxLxKxE, v_BxLxKxE, segment_ids_BxL):
+        """Writes the L new keys / values / segment ids at the cache index; (keys, values, mask) over all slots."""
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BxLxKxE.shape, k_BxLxKxE.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BxLxKxE.shape, v_BxLxKxE.dtype)
+        cached_segments = self.variable("cache", "cached_segment_ids", jnp.zeros, segment_ids_BxL.shape, jnp.int32)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        first_slot = index.value
+        names = ("act_batch", None, "act_kv_heads", None)
+        cached_k.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(cached_k.value, k_BxLxKxE.astype(cached_k.value.dtype),
+                                         (0, first_slot, 0, 0)), names)
+        cached_v.value = nn.with_logical_constraint(
+            jax.lax.dynamic_update_slice(cached_v.value, v_BxLxKxE.astype(cached_v.value.dtype),
+                                         (0, first_slot, 0, 0)), names)
+        cached_segments.value = jax.lax.dynamic_update_slice(
+            cached_segments.value, segment_ids_BxL.astype(jnp.int32), (0, first_slot))
+        index.value = first_slot + segment_ids_BxL.shape[1]
+        return cached_k.value, cached_v.value, cache_mask(cached_segments.value, segment_ids_BxL, first_slot)

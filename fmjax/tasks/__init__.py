@@ -47,13 +47,17 @@ class Task(Protocol):
     #   trainable(params)        bool tree; False leaves are frozen: no updates, no optimizer state
     #   pretrained_slots         top-level keys of a multi-model parameter tree that take
     #                            config.init_from's parameters (train/loop.py pretrained_params)
+    #   export_params(params)    the parameters in the plain model's layout (LoRA: adapters merged),
+    #                            what mode=export writes; default: params as they are
 
 
 def _registered(config):
     """(build, validate_data) of config.task.name."""
-    from fmjax.data import images, labelled, pipeline  # local imports keep the registry import light
-    from fmjax.tasks import classify, diffusion, lm, mlm
+    from fmjax.data import chat, images, labelled, pipeline, preference as pairs  # local: a light registry import
+    from fmjax.tasks import classify, diffusion, lm, mlm, preference, sft
     tasks = {"lm": (lm.LMTask.build, pipeline.validate), "mlm": (mlm.MLMTask.build, pipeline.validate),
+             "sft": (sft.SFTTask.build, chat.validate),
+             "preference": (preference.PreferenceTask.build, pairs.validate),
              "classify": (classify.ClassifyTask.build, labelled.validate),
              "diffusion": (diffusion.DiffusionTask.build, images.validate)}
     if config.task.name not in tasks:
@@ -62,8 +66,13 @@ def _registered(config):
 
 
 def build_task(config, workdir: str) -> Task:
+    """The task of config.task.name; wrapped in LoRA adapters when optim.lora.rank > 0."""
     build, _ = _registered(config)
-    return build(config, workdir)
+    task = build(config, workdir)
+    if config.optim.lora.rank > 0:
+        from fmjax.peft import lora
+        task = lora.LoraTask(task, lora.LoraConfig.from_config(config))
+    return task
 
 
 def validate_data(config, process_count: int = 1) -> None:

@@ -4,60 +4,22 @@ The loss sums cross-entropy over the rows weighted by `weight` (0 on eval paddin
 divides by the summed weight. Held-out metrics come from a confusion matrix summed over the eval
 batches: loss, accuracy, macro-F1 and one F1 per class.
 
-Tokenizer: a fine-tuned encoder only understands the ids it was pretrained with, so the user
-names one thing. The task uses data.tokenizer if set; else, with init_from, the tokenizer.model
-that the pretraining workdir holds (or the Hugging Face BERT folder itself); else (from scratch)
-one trained on the train texts. A resumed run keeps the copy in its own workdir. Shapes: B batch, L sequence, C classes.
+Tokenizer: the pretrained encoder's (tokenizer.finetune_tokenizer); from scratch, one trained on
+the train texts. Shapes: B batch, L sequence, C classes.
 """
 from __future__ import annotations
 
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fmjax.data import labelled, tokenizer as tokenizer_lib
-from fmjax.interop import hf_bert
 from fmjax.models.encoder import EncoderClassifier, EncoderConfig
 from fmjax.tasks.lm import token_losses
 
 POOLINGS = ("cls", "mean")
-
-
-def _pretrained_tokenizer(init_from: str) -> str:
-    """Where init_from keeps its tokenizer: a Hugging Face BERT folder is its own tokenizer; a
-    workdir (or its checkpoints/<step>) holds tokenizer.model."""
-    path = pathlib.Path(init_from)
-    if hf_bert.is_hf_folder(path):
-        return str(path)
-    workdir = path.parent.parent if path.name.isdigit() else path
-    return str(workdir / tokenizer_lib.WORKDIR_FILE)
-
-
-def _same(a: str, b: str) -> bool:
-    if os.path.isdir(a) or os.path.isdir(b):
-        return os.path.samefile(a, b)
-    return pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes()
-
-
-def tokenizer_file(config) -> str:
-    """The tokenizer (a sentencepiece file or a Hugging Face folder) the classifier uses: see the
-    module docstring."""
-    given = config.data.tokenizer
-    if given and not os.path.exists(given):
-        raise ValueError(f"data.tokenizer={given!r} does not exist")
-    pretrained = _pretrained_tokenizer(config.init_from) if config.init_from else ""
-    if pretrained and not os.path.exists(pretrained):
-        if given:
-            return given
-        raise ValueError(f"init_from={config.init_from!r} has no {pretrained}; set data.tokenizer to the "
-                         "tokenizer that encoder was pretrained with")
-    if given and pretrained and not _same(given, pretrained):
-        raise ValueError(f"data.tokenizer={given!r} is not the tokenizer the init_from encoder was "
-                         f"pretrained with ({pretrained}); set data.tokenizer=''")
-    return given or pretrained or labelled.corpus_tokenizer(config)
 
 
 class ClassifyTask:
@@ -80,13 +42,9 @@ class ClassifyTask:
     @classmethod
     def build(cls, config, workdir: str) -> "ClassifyTask":
         examples = labelled.validate(config, jax.process_count())
-        if not os.path.exists(os.path.join(workdir, tokenizer_lib.WORKDIR_FILE)):  # else: resuming
-            path = tokenizer_file(config)
-            if path != config.data.tokenizer:
-                config = config.copy_and_resolve_references()
-                with config.unlocked():
-                    config.data.tokenizer = path
-        return cls(config, tokenizer_lib.workdir_tokenizer(config, workdir), examples)
+        config, tokenizer = tokenizer_lib.finetune_tokenizer(config, workdir,
+                                                             lambda: labelled.corpus_tokenizer(config))
+        return cls(config, tokenizer, examples)
 
     def abstract_batch(self, batch_size):
         batch = {k: jax.ShapeDtypeStruct((batch_size, self.seq_len), jnp.int32)

@@ -229,13 +229,10 @@ def _sampler(task: DiffusionTask, guidance: float, steps: int, eta: float):
 def _caption_tokenizer(config, workdir: str) -> tokenizer_lib.Tokenizer:
     """The run's copy in the workdir, else data.tokenizer, else init_from's encoder tokenizer, else
     one trained on every caption the templates make (cached). Sized by model.text_encoder."""
-    from fmjax.tasks.classify import tokenizer_file  # the same rule as fine-tuning an encoder
     view = config.copy_and_resolve_references()
     with view.unlocked():
         view.model = config.model.text_encoder  # the tokenizer library reads model.vocab_size
-        if not view.data.tokenizer and not os.path.exists(os.path.join(workdir, tokenizer_lib.WORKDIR_FILE)):
-            view.data.tokenizer = tokenizer_file(view) if view.init_from else images_lib.caption_tokenizer(view)
-    try:
-        return tokenizer_lib.workdir_tokenizer(view, workdir)
+    try:  # the same rule as fine-tuning an encoder
+        return tokenizer_lib.finetune_tokenizer(view, workdir, lambda: images_lib.caption_tokenizer(view))[1]
     except ValueError as e:
         raise ValueError(str(e).replace("model.vocab_size", "model.text_encoder.vocab_size")) from None

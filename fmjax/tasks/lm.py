@@ -88,14 +88,15 @@ class LMTask:
         return pipeline.make_eval_batches(self.config, self.tokenizer, process_index, process_count)
 
     def write_samples(self, params, workdir, step):
-        from fmjax.infer import naive_sample
+        from fmjax.infer import generate
         cfg = self.config.task
         prompts = list(cfg.sample_prompts)
         if not prompts:
             return None
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), step)
-        texts = naive_sample.sample(self.model, params, self.tokenizer, prompts, cfg.sample_tokens,
-                                    cfg.sample_temperature, rng)
+        texts = generate.generate(self.model, params, self.tokenizer, prompts, max_new_tokens=cfg.sample_tokens,
+                                  temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                                  top_p=cfg.sample_top_p, seed=rng)
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
         path = os.path.join(workdir, "samples", f"step_{step}.txt")
         with open(path, "w") as f:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 from fmjax import sharding
+from fmjax.data import tokenizer as tokenizer_lib
 from fmjax.eval import heldout
 from fmjax.tasks import Task, build_task
 from fmjax.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
@@ -181,11 +183,50 @@ def sample(run: Run) -> str:
     return path
 
 
+def export(run: Run) -> str:
+    """mode=export: WORKDIR/export, a workdir for `init_from` with the inference parameters of the
+    newest checkpoint (or of init_from) in the plain model's layout: LoRA adapters merged into the
+    base (task.export_params), the EMA where the run keeps one, no optimizer state.
+
+    It holds checkpoints/<step>/ (state = {"params": ...}, the layout restore_params reads),
+    config.json (optim.lora.rank=0, init_from="") and the workdir's tokenizer.model. Exporting a
+    step that is already there does nothing.
+    """
+    params, step = _inference_params(run)
+    if hasattr(run.task, "export_params"):
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+            params = jax.jit(run.task.export_params)(params)
+    out = os.path.join(run.workdir, "export")
+    config_dict = json.loads(run.config.to_json_best_effort())
+    config_dict["optim"]["lora"]["rank"] = 0
+    config_dict.update(mode="train", init_from="")
+    ckpts = checkpoint.Checkpoints(out, keep=1)
+    try:
+        if step in ckpts.manager.all_steps():
+            print(f"{out} already holds step {step}", flush=True)
+        else:
+            ckpts.save(step, {"params": params}, {}, config_dict)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+    tokenizer = os.path.join(run.workdir, tokenizer_lib.WORKDIR_FILE)
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2)
+            f.write("\n")
+        if os.path.exists(tokenizer):  # a Hugging Face tokenizer stays where data.tokenizer names it
+            shutil.copyfile(tokenizer, os.path.join(out, tokenizer_lib.WORKDIR_FILE))
+    print(f"exported step {step} to {out}; use it as --config.init_from={out}", flush=True)
+    return out
+
+
 def embed(run: Run) -> str:
     """mode=embed: task.embed_input -> float32 N x D .npy of the newest checkpoint's (or init_from's) encoder."""
     from fmjax.infer import embed as embed_lib
     config = run.config
     params, step = _inference_params(run)
+    if hasattr(run.task, "export_params"):  # LoRA: the encoder with its adapters merged
+        params = run.task.export_params(params)
     texts = embed_lib.read_texts(config.task.embed_input, config.data.text_field)
     vectors = embed_lib.embed_texts(run.task.model_config, params["encoder"], run.task.tokenizer, texts,
                                     pooling=config.task.pooling, normalize=config.task.normalize,
@@ -196,3 +237,16 @@ def embed(run: Run) -> str:
     print(f"embedded {len(texts)} texts of {config.task.embed_input} with step {step}: {path} "
           f"{vectors.shape}", flush=True)
     return path
+
+
+def chat(run: Run, read=input, write=print) -> list[dict]:
+    """mode=chat: a conversation on stdin / stdout with the newest checkpoint (or init_from) of a
+    chat-tuned workdir (fmjax.infer.chat.interactive)."""
+    from fmjax.infer import chat as chat_lib
+    config, task = run.config, run.task
+    params, step = _inference_params(run)
+    write(f"chatting with {run.workdir} at step {step}; /reset forgets, /quit ends")
+    return chat_lib.interactive(task.model, task.chat_params(params), task.tokenizer, task.template,
+                                system_prompt=config.data.system_prompt, max_new_tokens=config.task.sample_tokens,
+                                max_prompt_tokens=config.data.seq_len, temperature=config.task.sample_temperature,
+                                seed=config.seed, read=read, write=write)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from configs.encoder import classify_domains, tiny as encoder_tiny
-from fmjax.data import labelled
-from fmjax.tasks import classify
+from fmjax.data import labelled, tokenizer as tokenizer_lib
 from fmjax.tasks.classify import ClassifyTask
 from fmjax.train import loop
 from tests.data.labelled_test import SHARED_TEXT, write_domains
@@ -106,6 +105,10 @@ def test_bad_pooling_is_named():
         ClassifyTask(config, stub_tokenizer(), EXAMPLES)
 
 
+def _no_scratch():
+    raise AssertionError("a tokenizer is given, none is trained")
+
+
 def test_tokenizer_is_data_tokenizer_or_the_pretraining_workdirs(tmp_path):
     pre = tmp_path / "pre"
     (pre / "checkpoints" / "7").mkdir(parents=True)
@@ -113,29 +116,29 @@ def test_tokenizer_is_data_tokenizer_or_the_pretraining_workdirs(tmp_path):
     (tmp_path / "other.model").write_bytes(b"other")
     config = small_config()
     config.data.tokenizer = str(tmp_path / "other.model")
-    assert classify.tokenizer_file(config) == str(tmp_path / "other.model")  # no init_from
+    assert tokenizer_lib.finetune_file(config, _no_scratch) == str(tmp_path / "other.model")  # no init_from
     config.data.tokenizer = ""
     for init_from in (pre, pre / "checkpoints" / "7"):
         config.init_from = str(init_from)
-        assert classify.tokenizer_file(config) == str(pre / "tokenizer.model")
+        assert tokenizer_lib.finetune_file(config, _no_scratch) == str(pre / "tokenizer.model")
     config.data.tokenizer = str(pre / "tokenizer.model")
-    assert classify.tokenizer_file(config) == str(pre / "tokenizer.model")
+    assert tokenizer_lib.finetune_file(config, _no_scratch) == str(pre / "tokenizer.model")
     config.data.tokenizer = str(tmp_path / "other.model")
-    with pytest.raises(ValueError, match="is not the tokenizer the init_from encoder was pretrained with"):
-        classify.tokenizer_file(config)
+    with pytest.raises(ValueError, match="is not the tokenizer the init_from model was pretrained with"):
+        tokenizer_lib.finetune_file(config, _no_scratch)
     config.data.tokenizer = str(tmp_path / "missing.model")
     with pytest.raises(ValueError, match=r"data.tokenizer=.*missing.model' does not exist"):
-        classify.tokenizer_file(config)
+        tokenizer_lib.finetune_file(config, _no_scratch)
     (pre / "tokenizer.model").unlink()
     config.data.tokenizer = ""
     with pytest.raises(ValueError, match=r"init_from=.* has no .*tokenizer.model; set data.tokenizer"):
-        classify.tokenizer_file(config)
+        tokenizer_lib.finetune_file(config, _no_scratch)
     hf = tmp_path / "bert"  # a Hugging Face BERT folder is its own tokenizer
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (hf / "model.safetensors").write_bytes(b"")
     config.init_from = str(hf)
-    assert classify.tokenizer_file(config) == str(hf)
+    assert tokenizer_lib.finetune_file(config, _no_scratch) == str(hf)
 
 
 def test_a_short_run_from_scratch_trains_its_tokenizer_and_writes_samples(tmp_path):
