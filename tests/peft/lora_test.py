@@ -1,9 +1,6 @@
 """LoRA: the merged model is base + (alpha/rank) A@B; only adapters train and hold optimizer state
 (scaling with the rank); sharded = 1 device; dropout is on A's input rows; export -> init_from."""
 import json
-import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -20,9 +17,8 @@ from fmjax import config_lib, sharding
 from fmjax.models.decoder import unstack_layers
 from fmjax.peft import lora
 from fmjax.tasks.lm import LMTask
-from fmjax.train import checkpoint, optim, state as state_lib, step as step_lib
+from fmjax.train import checkpoint, loop, optim, state as state_lib, step as step_lib
 
-ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {"attn/query/kernel", "attn/key/kernel", "attn/value/kernel", "attn/out/kernel",
            "mlp/wi_gate/kernel", "mlp/wi_up/kernel", "mlp/wo/kernel"}
 
@@ -281,32 +277,30 @@ def saved_state(directory, step):
     return state.state
 
 
-def cli(workdir, *overrides):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    cmd = [sys.executable, "-m", "fmjax.main", "--config", "configs/lm/tiny.py", "--workdir", str(workdir),
-           *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def small_config(tmp_path, **overrides):
+    c = tiny.get_config()
+    c.model.update(width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, mlp_dim=64)
+    c.data.update(seq_len=32, cache_dir=str(tmp_path / "cache"))
+    c.train.update(batch_size=8, eval_batches=2, progress_bar=False)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    c.task.sample_tokens = 2
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        c[section][field] = value
+    return c
 
 
 @pytest.mark.slow
-def test_export_merges_adapters_into_a_workdir_that_init_from_evaluates_the_same(tmp_path):
-    small = ["--config.model.width=32", "--config.model.n_layers=2", "--config.model.n_heads=4",
-             "--config.model.n_kv_heads=2", "--config.model.head_dim=8", "--config.model.mlp_dim=64",
-             "--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.eval_batches=2",
-             "--config.task.sample_tokens=2", "--config.train.progress_bar=False",
-             f"--config.data.cache_dir={tmp_path / 'cache'}"]
+def test_export_merges_adapters_into_a_workdir_that_init_from_evaluates_the_same(tmp_path, capsys):
     run = tmp_path / "lora"
-    lora_run = ["--config.train.steps=3", "--config.train.ema_decay=0.5", "--config.train.microbatches=2",
-                "--config.optim.lora.rank=4", "--config.optim.lora.dropout=0.1"]
-    cli(run, *small, *lora_run)
-    lora_eval = json.loads((run / "eval" / "results.json").read_text())
+    c = small_config(tmp_path, train__steps=3, train__ema_decay=0.5, train__microbatches=2)
+    c.optim.lora.update(rank=4, dropout=0.1)
+    lora_eval = loop.train(loop.setup(c, str(run)))
 
-    exported = cli(run, *small, *lora_run, "--config.mode=export")
-    assert "exported step 3" in exported.stdout
-    export = run / "export"
-    assert sorted(p.name for p in (export / "checkpoints").iterdir()) == ["3"]
+    c.mode = "export"
+    export = Path(loop.export(loop.setup(c, str(run))))
+    assert "exported step 3" in capsys.readouterr().out
+    assert export == run / "export" and sorted(p.name for p in (export / "checkpoints").iterdir()) == ["3"]
     assert (export / "tokenizer.model").read_bytes() == (run / "tokenizer.model").read_bytes()
     assert json.loads((export / "config.json").read_text())["optim"]["lora"]["rank"] == 0
 
@@ -319,10 +313,9 @@ def test_export_merges_adapters_into_a_workdir_that_init_from_evaluates_the_same
     np.testing.assert_allclose(update, 4.0 * np.einsum("lir,lrhe->lihe", pair["a"], pair["b"]), atol=1e-6)
     assert np.abs(update).max() > 1e-3
 
-    plain = tmp_path / "plain"
-    evaluated = cli(plain, *small, "--config.mode=eval", f"--config.init_from={export}",
-                    f"--config.data.tokenizer={export / 'tokenizer.model'}")
-    assert "newly initialised: nothing" in evaluated.stdout
-    plain_eval = json.loads((plain / "eval" / "results.json").read_text())
+    plain = small_config(tmp_path)
+    plain.mode, plain.init_from, plain.data.tokenizer = "eval", str(export), str(export / "tokenizer.model")
+    plain_eval = loop.evaluate(loop.setup(plain, str(tmp_path / "plain")))
+    assert "newly initialised: nothing" in capsys.readouterr().out
     assert plain_eval["tokens"] == lora_eval["tokens"]
     assert plain_eval["loss"] == pytest.approx(lora_eval["loss"], rel=1e-5)
