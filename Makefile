@@ -24,8 +24,9 @@ demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} XLA_FLAGS= $(BIN)/python -m fmjax.main --config configs/lm/tiny.py --workdir $(DEMO_DIR)
 	@echo "samples:" && cat $(DEMO_DIR)/samples/*.txt
 
+# Tests run in parallel (pytest-xdist): most are bound by single-threaded XLA compiles.
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
