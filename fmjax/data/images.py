@@ -381,11 +381,12 @@ def make_train_iterator(config, images: Images, process_index: int = 0, process_
 
 def make_eval_batches(config, images: Images, process_index: int = 0, process_count: int = 1,
                       tokenizer=None) -> list[dict[str, np.ndarray]]:
-    """Every validation example once, in order, in global batches (the last padded by weight-0 rows),
-    of which this process takes its rows. Not capped by train.eval_batches: take a prefix for less."""
+    """The first train.eval_batches global batches of the validation examples, in order (the last
+    padded by weight-0 rows), of which this process takes its rows."""
     _local_batch_size(config, process_count)  # checks divisibility
     global_batch = config.train.batch_size
     row = _rows(config, images.validation_images, images.validation_labels, images.class_names, tokenizer)
-    ds = grain.MapDataset.range(len(images.validation_labels)).map(lambda index: row(index, index))
+    count = min(len(images.validation_labels), config.train.eval_batches * global_batch)
+    ds = grain.MapDataset.range(count).map(lambda index: row(index, index))
     batches = list(ds.batch(global_batch, drop_remainder=False))
     return pipeline.process_eval_batches(batches, global_batch, process_index, process_count)

@@ -155,6 +155,7 @@ def test_epochs_are_reshuffled_and_every_example_comes_once_per_epoch(tmp_path):
 
 def test_eval_batches_hold_every_example_once_padding_weighted_zero(tmp_path):
     config = make_config(tmp_path)
+    config.train.eval_batches = 1000  # more than the split needs: every example
     data = images.load(config)
     n = len(data.validation_labels)
     assert n % 8, "the test needs a padded last batch"
@@ -166,6 +167,9 @@ def test_eval_batches_hold_every_example_once_padding_weighted_zero(tmp_path):
     for whole, first, second in zip(batches, *halves):
         for k in whole:
             np.testing.assert_array_equal(whole[k], np.concatenate([first[k], second[k]]))
+    config.train.eval_batches = 2  # a prefix: the first two batches
+    capped = images.make_eval_batches(config, data)
+    assert len(capped) == 2 and all(np.array_equal(a["images"], b["images"]) for a, b in zip(capped, batches))
 
 
 def test_captions_are_tokenized_name_the_label_and_vary(tmp_path):
