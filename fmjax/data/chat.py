@@ -169,9 +169,7 @@ def validate_fields(config: ml_collections.ConfigDict, process_count: int = 1) -
         raise ValueError(f"data.seq_len={d.seq_len} must be at least 2")
     if d.read_threads < 0:
         raise ValueError(f"data.read_threads={d.read_threads} must be 0 or more")
-    if config.train.batch_size % process_count:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of the process "
-                         f"count {process_count}")
+    pipeline.local_batch_size(config, process_count)
 
 
 def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> Conversations:
@@ -215,7 +213,7 @@ def _packed(ds: grain.IterDataset, rows: int, seq_len: int, seed: int, shuffle: 
 def make_train_iterator(config, tokenizer, template: Template, conversations: Conversations,
                         process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's packed batches, reshuffled every epoch."""
-    local_batch = config.train.batch_size // process_count
+    local_batch = pipeline.local_batch_size(config, process_count, process_index)
     ds = grain.MapDataset.source(list(conversations.train))[process_index::process_count]
     ds = ds.shuffle(seed=config.seed % 2**32).repeat(None)
     ds = ds.map(example(template, tokenizer, config.data.seq_len)).to_iter_dataset(

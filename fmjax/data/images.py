@@ -324,7 +324,7 @@ def validate(config, process_count: int = 1) -> Images:
     if d.captions and d.seq_len < 3:
         raise ValueError(f"data.seq_len={d.seq_len} must be at least 3 with data.captions (room for "
                          "bos, eos and one token)")
-    _local_batch_size(config, process_count)
+    pipeline.local_batch_size(config, process_count)
     images = load(config)
     if len(images.train_labels) < process_count:
         raise ValueError(f"{len(images.train_labels)} train images cannot give each of {process_count} "
@@ -332,13 +332,6 @@ def validate(config, process_count: int = 1) -> Images:
     if not len(images.validation_labels):
         raise ValueError(f"the validation split (data.eval_split={d.eval_split!r}) has no images")
     return images
-
-
-def _local_batch_size(config, process_count: int) -> int:
-    if config.train.batch_size < 1 or config.train.batch_size % process_count:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a positive multiple of "
-                         f"the process count {process_count}")
-    return config.train.batch_size // process_count
 
 
 def _rows(config, images: np.ndarray, labels: np.ndarray, class_names, tokenizer):
@@ -362,7 +355,7 @@ def make_train_iterator(config, images: Images, process_index: int = 0, process_
 
     Its get_state() is JSON-serialisable; set_state() on a fresh iterator resumes exactly.
     """
-    local_batch = _local_batch_size(config, process_count)
+    local_batch = pipeline.local_batch_size(config, process_count)
     n = len(images.train_labels)
     row = _rows(config, images.train_images, images.train_labels, images.class_names, tokenizer)
     ds = grain.MapDataset.range(n)[process_index::process_count]
@@ -383,7 +376,7 @@ def make_eval_batches(config, images: Images, process_index: int = 0, process_co
                       tokenizer=None) -> list[dict[str, np.ndarray]]:
     """The first train.eval_batches global batches of the validation examples, in order (the last
     padded by weight-0 rows), of which this process takes its rows."""
-    _local_batch_size(config, process_count)  # checks divisibility
+    pipeline.local_batch_size(config, process_count)  # checks divisibility
     global_batch = config.train.batch_size
     row = _rows(config, images.validation_images, images.validation_labels, images.class_names, tokenizer)
     count = min(len(images.validation_labels), config.train.eval_batches * global_batch)

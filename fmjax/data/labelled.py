@@ -205,19 +205,12 @@ def validate(config, process_count: int = 1) -> Examples:
                          "(room for bos, eos and one token; model.max_len is the longest input of the encoder)")
     if d.read_threads < 0:
         raise ValueError(f"data.read_threads={d.read_threads} must be 0 or more")
-    _local_batch_size(config, process_count)
+    pipeline.local_batch_size(config, process_count)
     examples = load(config)
     if len(examples.train) < process_count:
         raise ValueError(f"{len(examples.train)} train examples cannot give each of {process_count} "
                          "processes one")
     return examples
-
-
-def _local_batch_size(config, process_count: int) -> int:
-    if config.train.batch_size % process_count:
-        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of the process "
-                         f"count {process_count}")
-    return config.train.batch_size // process_count
 
 
 def write_texts(config, texts: list[str]) -> pathlib.Path:
@@ -278,7 +271,7 @@ def make_train_iterator(config, tokenizer, examples: Examples, process_index: in
 
     Its get_state() is JSON-serialisable; set_state() on a fresh iterator resumes exactly.
     """
-    local_batch = _local_batch_size(config, process_count)
+    local_batch = pipeline.local_batch_size(config, process_count)
     ds = grain.MapDataset.source(list(examples.train))[process_index::process_count]
     if not len(ds):
         raise ValueError(f"{len(examples.train)} train examples cannot give process {process_index} "
@@ -294,7 +287,7 @@ def make_eval_batches(config, tokenizer, examples: Examples, process_index: int 
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Every validation example in order, in global batches (the last padded by weight-0 rows), of
     which this process takes its rows."""
-    _local_batch_size(config, process_count)  # checks divisibility
+    pipeline.local_batch_size(config, process_count)  # checks divisibility
     global_batch = config.train.batch_size
     ds = grain.MapDataset.source(list(examples.validation)).map(tokenize(tokenizer, config.data.seq_len))
     batches = list(ds.batch(global_batch, drop_remainder=False))

@@ -36,7 +36,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     """Every data-layer check that needs no preparation: sources, tokenizer and batching."""
     sources.validate(config)
     tokenizer_lib.validate(config)
-    _local_batch_size(config, 0, process_count)
+    local_batch_size(config, process_count)
     if config.data.seq_len < 1:
         raise ValueError(f"data.seq_len={config.data.seq_len} must be at least 1")
     if config.train.eval_batches < 1:
@@ -45,8 +45,8 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         raise ValueError(f"data.read_threads={config.data.read_threads} must be 0 or more")
 
 
-def _local_batch_size(config: ml_collections.ConfigDict, process_index: int,
-                      process_count: int) -> int:
+def local_batch_size(config: ml_collections.ConfigDict, process_count: int, process_index: int = 0) -> int:
+    """This process's share of train.batch_size (ValueError unless the processes split it evenly)."""
     batch_size = config.train.batch_size
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
@@ -115,7 +115,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: tokenizer_
 
     Its get_state() is JSON-serialisable; set_state() on a fresh iterator resumes exactly.
     """
-    local_batch = _local_batch_size(config, process_index, process_count)
+    local_batch = local_batch_size(config, process_count, process_index)
     source = sources.load_split(config, config.data.train_split)
     # Each process reads its own documents (index % process_count == process_index).
     ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -148,7 +148,7 @@ def make_eval_batches(config: ml_collections.ConfigDict, tokenizer: tokenizer_li
     gets the same number of batches and the union over processes does not depend on how many
     there are.
     """
-    _local_batch_size(config, process_index, process_count)  # checks the process index and divisibility
+    local_batch_size(config, process_count, process_index)  # checks the process index and divisibility
     global_batch = config.train.batch_size
     source = sources.load_split(config, config.data.eval_split)
     ds = _packed_rows(grain.MapDataset.source(source), config, tokenizer)

@@ -96,7 +96,7 @@ def row(template: chat.Template, tokenizer, seq_len: int):
 def make_train_iterator(config, tokenizer, template: chat.Template, pairs, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's batches, reshuffled every epoch."""
-    local_batch = config.train.batch_size // process_count
+    local_batch = pipeline.local_batch_size(config, process_count, process_index)
     ds = grain.MapDataset.source(list(pairs))[process_index::process_count]
     ds = ds.shuffle(seed=config.seed % 2**32).repeat(None)
     ds = ds.map(row(template, tokenizer, config.data.seq_len)).batch(local_batch, drop_remainder=True)
