@@ -2,7 +2,7 @@
 
 Every config file starts from `base_config()` and fills the family's `model`, `task` and `data`
 fields; the sections are the same everywhere (DESIGN.md): mode, seed, model, task, data, optim,
-mesh, sharding_rules, train, init_from.
+mesh, sharding_rules, train, eval, init_from.
 """
 from __future__ import annotations
 
@@ -58,6 +58,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.progress_bar = True
     c.train.ema_decay = 0.0  # > 0: keep an EMA of the params (checkpointed; eval and samples use it)
+
+    # Evaluation beyond the held-out split (fmjax/eval/): run at every train.eval_every, at the last
+    # step and by mode=eval; results join eval/results.json, metrics.jsonl and the model card.
+    c.eval = ml_collections.ConfigDict()
+    # Benchmark tasks of decoder models (fmjax/eval/harness.py): built-in names (harness.BUILTIN)
+    # or .jsonl task files, e.g. --config.eval.tasks="('pydoc_cloze','my/task.jsonl')".
+    c.eval.tasks = ()
+    # Extra perplexity / bits-per-byte datasets, each read whole: "wikitext2" (../shared/data),
+    # "text:PATH", "jsonl:PATH:FIELD", "tfds:NAME:SPLIT" (fmjax/eval/datasets.py).
+    c.eval.datasets = ()
+    c.eval.num_fewshot = 0  # examples of the task shown before each question
+    c.eval.limit = 0  # questions per task and batches per dataset; 0: all
+    # Model card (DIR/MODEL_CARD.md): "" takes the task family's default text.
+    c.eval.intended_use = ""
+    c.eval.limitations = ""
     return c
 
 

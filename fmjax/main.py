@@ -45,6 +45,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
 
     from fmjax import config_lib
+    from fmjax.eval import suite as eval_suite
     from fmjax.infer import embed
     from fmjax.tasks import validate_data
     from fmjax.train import checkpoint, loop
@@ -66,7 +67,8 @@ def main(argv):
         if config.mode == "embed":
             embed.validate(config)
         run = loop.setup(config, workdir)
-        if config.mode == "chat" and not hasattr(run.task, "chat_params"):
+        eval_suite.validate(config, run.task)
+        if config.mode == "chat" and not hasattr(run.task, "template"):
             raise ValueError(f"mode=chat needs a chat-tuned model (task.name=sft or preference), not "
                              f"task.name={config.task.name!r}")
     except ValueError as e:
@@ -80,7 +82,7 @@ def main(argv):
 
 def _outputs(workdir: str) -> str:
     names = ["config.json", "metrics.jsonl", "tb/", "checkpoints/", "eval/results.json", "samples/",
-             "tokenizer.model"]
+             "tokenizer.model", "MODEL_CARD.md", "loss_curve.png"]
     return "outputs:\n" + "\n".join(f"  {os.path.join(workdir, n)}" for n in names)
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(workdir, *overrides, devices=1, mode_args=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     cmd = [sys.executable, "-m", "fmjax.main", "--config", "configs/lm/tiny.py", "--workdir", str(workdir),
-           *overrides]
+           "--config.eval.tasks=()", "--config.eval.datasets=()", *overrides]  # benchmarks: tests/eval
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -28,6 +28,8 @@ def cli(workdir, *overrides, devices=1, mode_args=()):
     (["--config.data.source=wiki"], 1, "data.source='wiki'"),
     (["--config.model.attention=flash"], 1, "model.attention='flash'"),
     (["--config.mode=eval"], 1, "no committed checkpoint under"),
+    (["--config.eval.datasets=('wikitext2',)"], 1, "eval.datasets: 'wikitext2' is not one of"),
+    (["--config.eval.tasks=('/nonexistent/task.jsonl',)"], 1, "eval.tasks: /nonexistent/task.jsonl is neither"),
 ])
 def test_bad_input_fails_before_compilation_with_one_clear_line(tmp_path, overrides, devices, message):
     result = cli(tmp_path / "run", *overrides, devices=devices)

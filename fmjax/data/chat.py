@@ -118,18 +118,12 @@ class Conversations:
 def _read_split(path: str, size: int, mtime_ns: int, parse, system_prompt: str, fraction: float):
     del size, mtime_ns  # part of the cache key only
     split = {False: [], True: []}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                item = parse(record, system_prompt)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            split[sources.is_validation(json.dumps(record, sort_keys=True), fraction)].append(item)
+    for lineno, record in sources.jsonl_records(path):
+        try:
+            item = parse(record, system_prompt)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        split[sources.is_validation(json.dumps(record, sort_keys=True), fraction)].append(item)
     return tuple(split[False]), tuple(split[True])
 
 

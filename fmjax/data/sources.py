@@ -121,18 +121,23 @@ def text_documents(path: str, text_field: str = "", separator: str = "",
         yield last.strip() if separator else last.rstrip()
 
 
-def jsonl_documents(path: str, text_field: str, separator: str = "",
-                    max_bytes: int | None = None) -> Iterator[str]:
-    """The `text_field` string of each JSON object line of a .jsonl file; blank lines skipped."""
-    del separator
+def jsonl_records(path: str, max_bytes: int | None = None) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-blank line of a .jsonl file; errors name file:line."""
     for lineno, line in _lines(path, max_bytes):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); data.source='jsonl' "
-                             "needs one JSON object per line") from None
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); a .jsonl file has one JSON "
+                             "object per line") from None
+
+
+def jsonl_documents(path: str, text_field: str, separator: str = "",
+                    max_bytes: int | None = None) -> Iterator[str]:
+    """The `text_field` string of each JSON object line of a .jsonl file; blank lines skipped."""
+    del separator
+    for lineno, record in jsonl_records(path, max_bytes):
         if not isinstance(record, dict) or text_field not in record:
             fields = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{lineno}: has no field data.text_field={text_field!r}; "
@@ -210,6 +215,12 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of a file's bytes (hashed again only when its size or mtime changes)."""
+    stat = os.stat(path)
+    return _file_sha256(path, stat.st_size, stat.st_mtime_ns)
+
+
 def _local_config(config: ml_collections.ConfigDict) -> LocalTextConfig:
     """The builder config of a local source: only the fields that matter for that kind."""
     d = config.data
@@ -223,11 +234,9 @@ def _local_config(config: ml_collections.ConfigDict) -> LocalTextConfig:
                                description="the pydoc corpus", kind="pydoc",
                                validation_fraction=fraction)
     path = os.path.abspath(d.path)
-    stat = os.stat(path)
     field = d.text_field if d.source == "jsonl" else ""
     separator = d.doc_separator if d.source == "text" else ""
-    identity = (d.source, path, _file_sha256(path, stat.st_size, stat.st_mtime_ns), field,
-                separator, fraction)
+    identity = (d.source, path, file_sha256(path), field, separator, fraction)
     return LocalTextConfig(name=f"{d.source}_{_digest(*identity)}", version="1.0.0",
                            description=path, kind=d.source, path=path, text_field=field,
                            separator=separator, validation_fraction=fraction)

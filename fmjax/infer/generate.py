@@ -281,8 +281,9 @@ def cut_at_stop(text: str, start: int, stop: Sequence[str]) -> str:
 
 
 def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens, temperature=0.0, top_k=0,
-             top_p=1.0, seed=0, stop: Sequence[str] = ()) -> list[str]:
-    """Each prompt followed by its continuation (up to eos or a stop string), decoded as one text.
+             top_p=1.0, seed=0, stop: Sequence[str] = (), continuation_only: bool = False) -> list[str]:
+    """Each prompt followed by its continuation (up to eos or a stop string), decoded as one text
+    (continuation_only: the continuation alone).
 
     The ids are [bos] + encode(prompt). Decoding prompt and continuation together keeps the space a
     sentencepiece word-start piece carries at the join. Stop strings are checked twice: as
@@ -301,5 +302,6 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
         text = tokenizer.decode(ids[1:] + new_ids)
         # Where the continuation starts: the prompt's own text, unless the join merged bytes.
         start = len(os.path.commonprefix([text, tokenizer.decode(ids[1:])]))
-        texts.append(cut_at_stop(text, start, stop))
+        text = cut_at_stop(text, start, stop)
+        texts.append(text[start:] if continuation_only else text)
     return texts

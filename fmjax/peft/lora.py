@@ -44,7 +44,7 @@ _HEAD_AXES = ("heads", "kv_heads")
 _DROPOUT_SALT = 0x4C6F5241  # folded into the step's key: dropout masks independent of the task's own
 # Optional task hooks that take the parameters first (fmjax/tasks/__init__.py, sft.py): a LoraTask
 # has them where its inner task has them, called with the merged parameters.
-_MERGED_HOOKS = ("sample_scores", "chat_params")
+_MERGED_HOOKS = ("sample_scores", "decoder_params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,7 @@ class LoraTask:
 
     Every attribute it does not define (model, unit, tokenizer, abstract_batch, eval_results,
     train_iterator, ...) is the inner task's; eval_sums, write_samples, sample_scores and
-    chat_params see the merged parameters (no dropout). The trainer, checkpoints, EMA, microbatches and
+    decoder_params see the merged parameters (no dropout). The trainer, checkpoints, EMA, microbatches and
     sharding see an ordinary parameter tree; `trainable` freezes the base and `pretrained_slots`
     sends config.init_from's parameters to it.
     """

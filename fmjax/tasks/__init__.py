@@ -49,6 +49,9 @@ class Task(Protocol):
     #                            config.init_from's parameters (train/loop.py pretrained_params)
     #   export_params(params)    the parameters in the plain model's layout (LoRA: adapters merged),
     #                            what mode=export writes; default: params as they are
+    #   decoder_params(params)   the parameters of the task's decoder (`model`), for chat, text
+    #                            samples and benchmark scoring (fmjax/eval/suite.py); decoder tasks only
+    #   template                 the chat template of chat-tuned tasks (mode=chat needs it)
 
 
 def _registered(config):

@@ -75,6 +75,10 @@ class LMTask:
                 "bits_per_byte": float(sums["nats"] / math.log(2) / sums["bytes"]),
                 "tokens": int(sums["tokens"]), "bytes": int(sums["bytes"])}
 
+    def decoder_params(self, params):
+        """The decoder's parameters (what chat, samples and benchmark scoring run)."""
+        return params
+
     def units_per_example(self):
         return self.seq_len
 

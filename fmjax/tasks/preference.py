@@ -133,9 +133,9 @@ class PreferenceTask:
         return preference.make_eval_batches(self.config, self.tokenizer, self.template,
                                             self.validation_pairs, process_index, process_count)
 
-    def chat_params(self, params):
-        """The decoder parameters that chat (mode=chat, samples): the policy."""
+    def decoder_params(self, params):
+        """The decoder's parameters (chat, samples, benchmark scoring): the policy."""
         return params["policy"]
 
     def write_samples(self, params, workdir, step):
-        return write_chat_samples(self, self.chat_params(params), workdir, step)
+        return write_chat_samples(self, self.decoder_params(params), workdir, step)

@@ -44,12 +44,8 @@ class SFTTask(LMTask):
         return chat.make_eval_batches(self.config, self.tokenizer, self.template, self.conversations,
                                       process_index, process_count)
 
-    def chat_params(self, params):
-        """The decoder parameters that chat (mode=chat, samples)."""
-        return params
-
     def write_samples(self, params, workdir, step):
-        return write_chat_samples(self, self.chat_params(params), workdir, step)
+        return write_chat_samples(self, self.decoder_params(params), workdir, step)
 
 
 def write_chat_samples(task, params, workdir: str, step: int) -> str | None:

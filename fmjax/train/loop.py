@@ -17,7 +17,7 @@ import numpy as np
 
 from fmjax import sharding
 from fmjax.data import tokenizer as tokenizer_lib
-from fmjax.eval import heldout
+from fmjax.eval import heldout, model_card, suite as suite_lib
 from fmjax.tasks import Task, build_task
 from fmjax.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
@@ -41,6 +41,15 @@ class Run:
 
     def eval_step(self):
         return step_lib.jit_eval_step(self.task, self.shardings.params, self.batch_sharding, self.mesh)
+
+    def evaluate_and_record(self, suite: suite_lib.Suite, params, step: int, writer=None) -> dict:
+        """suite.evaluate(params) -> eval/results.json (and metrics.jsonl / TensorBoard as eval_*)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            results = suite.evaluate(params)
+        if writer is not None:
+            writer.write(step, {f"eval_{k}": v for k, v in results.items()})
+        heldout.write_results(self.workdir, step, self.config.data.eval_split, results)
+        return results
 
 
 def setup(config, workdir: str, devices=None) -> Run:
@@ -86,7 +95,7 @@ def train(run: Run, hooks=()) -> dict:
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches, cfg.ema_decay),
         run.shardings, run.batch_sharding, run.mesh)
-    eval_step, eval_batches = run.eval_step(), None
+    suite = suite_lib.Suite(run)
     writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, cfg.progress_bar)
     peak = metrics_lib.peak_flops(run.mesh.devices.flatten().tolist())
     units_per_step = cfg.batch_size * run.task.units_per_example()
@@ -109,12 +118,7 @@ def train(run: Run, hooks=()) -> dict:
                                    **{f"{run.task.unit}/s": rate})
                     last_time, last_step = time.perf_counter(), step
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    eval_batches = eval_batches or run.task.eval_batches(jax.process_index(),
-                                                                         jax.process_count())
-                    results = heldout.evaluate(eval_step, state_lib.inference_params(state), eval_batches,
-                                               run.task, run.to_global)
-                    writer.write(step, {f"eval_{k}": v for k, v in results.items()})
-                    heldout.write_results(workdir, step, config.data.eval_split, results)
+                    results = run.evaluate_and_record(suite, state_lib.inference_params(state), step, writer)
                     last_time = time.perf_counter()  # eval time is not training throughput
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     ckpts.save(step, state, data.get_state(), config_dict)
@@ -122,6 +126,7 @@ def train(run: Run, hooks=()) -> dict:
                     hook(step, state, step_metrics)
         if start < cfg.steps:  # samples run unconstrained: a few prompts need not fill the mesh
             run.task.write_samples(state_lib.inference_params(state), workdir, cfg.steps)
+        model_card.write(run)
     finally:
         ckpts.wait()
         ckpts.close()
@@ -146,7 +151,7 @@ def pretrained_params(run: Run, params):
     return params, fresh
 
 
-def _inference_params(run: Run):
+def inference_params(run: Run):
     """(params, step) of the newest checkpoint in the workdir, else of config.init_from (step 0)."""
     if checkpoint.latest_step(run.workdir) is None and run.config.init_from:
         init = state_lib.init_state(run.task, run.tx, run.config.seed, run.abstract, run.shardings).params
@@ -162,21 +167,21 @@ def _inference_params(run: Run):
 
 
 def evaluate(run: Run) -> dict:
-    """mode=eval: held-out metrics and samples of the newest checkpoint (or of init_from)."""
-    config, workdir = run.config, run.workdir
-    params, step = _inference_params(run)
-    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-        batches = run.task.eval_batches(jax.process_index(), jax.process_count())
-        results = heldout.evaluate(run.eval_step(), params, batches, run.task, run.to_global)
-        path = heldout.write_results(workdir, step, config.data.eval_split, results)
+    """mode=eval: held-out metrics, eval.datasets, eval.tasks and samples of the newest checkpoint
+    (or of init_from)."""
+    workdir = run.workdir
+    params, step = inference_params(run)
+    results = run.evaluate_and_record(suite_lib.Suite(run), params, step)
+    path = os.path.join(workdir, "eval", "results.json")
     samples = run.task.write_samples(params, workdir, step)
-    print(f"eval at step {step}: {json.dumps(results)}\nwrote {path} and {samples}", flush=True)
+    card = model_card.write(run)
+    print(f"eval at step {step}: {json.dumps(results)}\nwrote {path}, {card} and {samples}", flush=True)
     return results
 
 
 def sample(run: Run) -> str:
     """mode=sample: writes samples of the newest checkpoint (or of init_from)."""
-    params, step = _inference_params(run)
+    params, step = inference_params(run)
     path = run.task.write_samples(params, run.workdir, step)
     shown = open(path).read() if path.endswith(".txt") else ""  # text samples; images stay files
     print(shown + f"wrote {path}", flush=True)
@@ -192,7 +197,7 @@ def export(run: Run) -> str:
     config.json (optim.lora.rank=0, init_from="") and the workdir's tokenizer.model. Exporting a
     step that is already there does nothing.
     """
-    params, step = _inference_params(run)
+    params, step = inference_params(run)
     if hasattr(run.task, "export_params"):
         with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
             params = jax.jit(run.task.export_params)(params)
@@ -224,7 +229,7 @@ def embed(run: Run) -> str:
     """mode=embed: task.embed_input -> float32 N x D .npy of the newest checkpoint's (or init_from's) encoder."""
     from fmjax.infer import embed as embed_lib
     config = run.config
-    params, step = _inference_params(run)
+    params, step = inference_params(run)
     if hasattr(run.task, "export_params"):  # LoRA: the encoder with its adapters merged
         params = run.task.export_params(params)
     texts = embed_lib.read_texts(config.task.embed_input, config.data.text_field)
@@ -244,9 +249,9 @@ def chat(run: Run, read=input, write=print) -> list[dict]:
     chat-tuned workdir (fmjax.infer.chat.interactive)."""
     from fmjax.infer import chat as chat_lib
     config, task = run.config, run.task
-    params, step = _inference_params(run)
+    params, step = inference_params(run)
     write(f"chatting with {run.workdir} at step {step}; /reset forgets, /quit ends")
-    return chat_lib.interactive(task.model, task.chat_params(params), task.tokenizer, task.template,
+    return chat_lib.interactive(task.model, task.decoder_params(params), task.tokenizer, task.template,
                                 system_prompt=config.data.system_prompt, max_new_tokens=config.task.sample_tokens,
                                 max_prompt_tokens=config.data.seq_len, temperature=config.task.sample_temperature,
                                 seed=config.seed, read=read, write=write)

@@ -42,18 +42,26 @@ def peak_flops(devices) -> float:
 
 
 class MetricsWriter:
+    """Writes one record per call; each gets `elapsed_s`, the wall-clock seconds of training since
+    step 0: the time since this writer was made, plus the `elapsed_s` the run had logged up to
+    `resume_step` (so it keeps growing across resumes; the time between a stop and the resume's
+    start, restoring included, is not counted)."""
+
     def __init__(self, workdir: str, total_steps: int, resume_step: int, progress_bar: bool):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        elapsed = 0.0
         if jax.process_index() == 0:
-            _drop_records_after(self.path, resume_step)
+            elapsed = _drop_records_after(self.path, resume_step)
             self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        self.clock_start = time.perf_counter() - elapsed
         self.bar = tqdm.tqdm(total=total_steps, initial=resume_step, unit="step", dynamic_ncols=True,
                              disable=not progress_bar or jax.process_index() != 0)
 
     def write(self, step: int, record: dict):
         if jax.process_index() != 0:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in record.items()}}
+        record = {"step": step, **{k: _plain(v) for k, v in record.items()},
+                  "elapsed_s": round(time.perf_counter() - self.clock_start, 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -77,12 +85,15 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _drop_records_after(path: str, step: int):
-    """On resume, forget steps logged after the checkpoint so no step appears twice."""
+def _drop_records_after(path: str, step: int) -> float:
+    """On resume, forget steps logged after the checkpoint so no step appears twice; returns the
+    largest `elapsed_s` of the records kept (0.0 if none has one), where the resumed clock goes on."""
     if not os.path.exists(path):
-        return
+        return 0.0
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        records = [(line, json.loads(line)) for line in f if line.strip()]
+    kept = [(line, record) for line, record in records if record.get("step", 0) <= step]
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(line for line, _ in kept)
     os.replace(path + ".tmp", path)
+    return max((record["elapsed_s"] for _, record in kept if "elapsed_s" in record), default=0.0)

@@ -30,6 +30,7 @@ def tiny_config(rank=4, scan_layers=True, **lora_fields):
     c.data.seq_len = 16
     c.train.update(steps=10, batch_size=8)
     c.optim.lora.update(rank=rank, **lora_fields)
+    c.eval.update(tasks=(), datasets=())  # benchmarks have tests of their own
     return c
 
 
@@ -259,11 +260,11 @@ def test_tasks_that_cannot_be_wrapped_fail_clearly():
 
 
 def test_optional_hooks_of_the_inner_task_see_merged_parameters():
-    inner = types.SimpleNamespace(chat_params=lambda params: params, unit="tokens")
+    inner = types.SimpleNamespace(decoder_params=lambda params: params, unit="tokens")
     task = lora.LoraTask(inner, lora.LoraConfig(1, 2.0, 0.0, ("kernel",)))
     params = {"base": {"w": {"kernel": jnp.ones((2, 3))}},
               "lora": {"w": {"kernel": {"a": jnp.ones((2, 1)), "b": jnp.full((1, 3), 0.5)}}}}
-    np.testing.assert_array_equal(task.chat_params(params)["w"]["kernel"], np.full((2, 3), 2.0))  # 1 + 2 * 0.5
+    np.testing.assert_array_equal(task.decoder_params(params)["w"]["kernel"], np.full((2, 3), 2.0))  # 1 + 2 * 0.5
     assert task.unit == "tokens" and not hasattr(task, "sample_scores")
 
 
@@ -284,6 +285,7 @@ def small_config(tmp_path, **overrides):
     c.train.update(batch_size=8, eval_batches=2, progress_bar=False)
     c.mesh.update(data=2, fsdp=2, tensor=2)
     c.task.sample_tokens = 2
+    c.eval.update(tasks=(), datasets=())
     for key, value in overrides.items():
         section, field = key.split("__")
         c[section][field] = value

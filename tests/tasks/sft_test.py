@@ -58,6 +58,7 @@ def _pretrain(tmp_path):
     c.data.update(seq_len=32, cache_dir=str(tmp_path / "cache"))
     c.train.update(steps=2, batch_size=8, eval_batches=1, progress_bar=False)
     c.task.sample_prompts = []
+    c.eval.update(tasks=(), datasets=())
     loop.train(loop.setup(c, str(tmp_path / "base")))
     return c
 

@@ -20,6 +20,7 @@ def small_config(tmp_path, **train):
                    progress_bar=False)
     c.train.update(**train)
     c.task.sample_prompts = []
+    c.eval.update(tasks=(), datasets=())  # benchmarks have tests of their own
     return c
 
 
