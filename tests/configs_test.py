@@ -32,6 +32,7 @@ def test_config_trains_two_steps(tmp_path, path):
     config.train.update(steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1, ckpt_every=2,
                         progress_bar=False)
     config.task.sample_tokens = 2
+    config.eval.limit = 2  # benchmarks and perplexity datasets: two questions / documents each
     config_lib.validate(config, jax.device_count())
     validate_data(config)
     results = loop.train(loop.setup(config, str(tmp_path / "run")))

@@ -2,14 +2,17 @@
 
 Trains in a few minutes on 2 CPU cores (`make demo`); every field can be overridden from the
 command line, e.g. `--config.train.steps=50 --config.mesh.fsdp=4 --config.mesh.tensor=2`.
-Every evaluation also runs the built-in cloze benchmark on held-out documentation and, where
-../shared/data is beside the repository, WikiText-2 test perplexity and bits per byte.
+Every evaluation also runs the built-in cloze benchmark on held-out documentation, 16 questions
+on Python keywords and, where ../shared/data is beside the repository, WikiText-2 test perplexity
+and bits per byte.
 """
 import pathlib
 
 from fmjax import config_lib
 
-WIKITEXT2 = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "wikitext2_test.tokens.txt"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+KEYWORDS = ROOT / "experiments" / "eval" / "python_keywords.jsonl"
+WIKITEXT2 = ROOT.parent / "shared" / "data" / "text" / "wikitext2_test.tokens.txt"
 
 
 def get_config():
@@ -66,6 +69,6 @@ def get_config():
     c.train.eval_batches = 8
     c.train.ckpt_every = 100
 
-    c.eval.tasks = ("cloze",)  # fmjax/eval/harness.py
+    c.eval.tasks = ("cloze", str(KEYWORDS))  # fmjax/eval/harness.py; experiments/eval/README.md
     c.eval.datasets = (f"wikitext:{WIKITEXT2}",) if WIKITEXT2.exists() else ()
     return c
