@@ -10,12 +10,13 @@ import ml_collections
 
 from fmjax import sharding
 
-MODES = ("train", "eval", "sample", "embed", "chat", "export")
+MODES = ("train", "eval", "sample", "embed", "chat", "export", "prepare")
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "train"  # train | eval | sample | embed (encoders) | chat (sft, preference) | export (merged params)
+    #                   | prepare (configs/data/*.py: build a data pile)
     c.seed = 0
     c.init_from = ""  # a workdir or checkpoints/<step> directory to take parameters from
     c.model = ml_collections.ConfigDict()

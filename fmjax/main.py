@@ -53,6 +53,14 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None:
         _fail("--config is required, e.g. --config configs/lm/tiny.py")
+    if config.mode == "prepare":  # builds a data pile under data.piles_dir; no workdir, no model
+        from fmjax.data.prepare import pile
+        try:
+            pile.validate(config)
+        except ValueError as e:
+            _fail(str(e))
+        pile.prepare(config)
+        return
     if not workdir:
         _fail("--workdir is required: the directory of this run")
     if _DISTRIBUTED.value:

@@ -43,10 +43,12 @@ def get_config():
     c.task.sample_top_k = 0  # 0: off
     c.task.sample_top_p = 1.0  # nucleus sampling; 1: off
 
-    c.data.source = "pydoc"  # pydoc | text | jsonl | tfds
+    c.data.source = "pydoc"  # pydoc | text | jsonl | tfds | pile
     c.data.path = ""  # the .txt / .jsonl file for source=text|jsonl
     c.data.text_field = "text"
     c.data.tfds_name = ""  # e.g. "lm1b" for source=tfds
+    c.data.pile = ""  # source=pile: "<name>@<version>" or "<name>@latest" (mode=prepare makes piles)
+    c.data.piles_dir = "piles"
     c.data.doc_separator = ""  # "" = blank-line separated documents
     c.data.train_split = "train"
     c.data.eval_split = "validation"

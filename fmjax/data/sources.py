@@ -343,6 +343,27 @@ def _catalog_identity(config: ml_collections.ConfigDict) -> str:
     return "tfds_" + _digest("tfds", d.tfds_name, d.train_split, d.text_field)
 
 
+def _validate_pile(config: ml_collections.ConfigDict) -> None:
+    from fmjax.data.prepare import pile  # local: preparation imports this module
+    path = pile.resolve(config)
+    for field in ("train_split", "eval_split"):
+        split = config.data[field]
+        if split.split("[")[0] not in LOCAL_SPLITS:
+            raise ValueError(f"data.{field}={split!r} is not a split of pile {path}; valid splits are "
+                             f"{list(LOCAL_SPLITS)}")
+
+
+def _pile_identity(config: ml_collections.ConfigDict) -> str:
+    from fmjax.data.prepare import pile
+    m = pile.manifest(pile.resolve(config))
+    return f"pile_{m['name']}_{m['version']}"
+
+
+def _load_pile(config: ml_collections.ConfigDict, split: str):
+    from fmjax.data.prepare import pile
+    return pile.load_split(pile.resolve(config), split), "text"
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
     """How one data.source is checked, identified (for cache keys) and read."""
@@ -359,6 +380,8 @@ DATASETS: dict[str, Dataset] = {
     "text": _LOCAL,
     "jsonl": _LOCAL,
     "tfds": Dataset(validate=_validate_catalog, identity=_catalog_identity, load=_load_catalog),
+    # A prepared data pile (fmjax/data/prepare), data.pile = "<name>@<version>".
+    "pile": Dataset(validate=_validate_pile, identity=_pile_identity, load=_load_pile),
 }
 
 

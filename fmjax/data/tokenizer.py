@@ -236,8 +236,12 @@ def _sentences(source: sources.TextSource) -> Iterator[str]:
 
 def _train(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
     """Trains on the train split and writes `path` atomically (readers never see half a file)."""
-    source = sources.load_split(config, config.data.train_split)
-    vocab_size, kind = config.model.vocab_size, config.data.tokenizer_type
+    train_file(sources.load_split(config, config.data.train_split), config.model.vocab_size,
+               config.data.tokenizer_type, path)
+
+
+def train_file(source: sources.TextSource, vocab_size: int, kind: str, path: pathlib.Path) -> None:
+    """Trains a `kind` (bpe | unigram) tokenizer of vocab_size pieces on `source`, into `path`."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=_sentences(source), model_writer=model,

@@ -159,15 +159,22 @@ def _dataset_id(config) -> str | None:
 
 def training_data(config, workdir: str) -> dict:
     """The data fields of the config, the dataset identity, sha256 of the local data files and of
-    the workdir's tokenizer.model, and data.pile where the config has one."""
+    the workdir's tokenizer.model, and for data.source="pile" the pile's id, tags, creation time,
+    sources with their file hashes and shard hashes (from its manifest.json)."""
     d = config.data
     tokenizer = os.path.join(workdir, tokenizer_lib.WORKDIR_FILE)
     out = {field: d[field] for field in _DATA_FIELDS if field in d}
     out["dataset_id"] = _dataset_id(config)
     out["file_sha256"] = {p: sources.file_sha256(os.path.abspath(p)) for p in _data_paths(d) if os.path.isfile(p)}
     out["tokenizer_sha256"] = sources.file_sha256(tokenizer) if os.path.isfile(tokenizer) else None
-    if "pile" in d:
-        out["pile"] = d.pile.to_dict() if hasattr(d.pile, "to_dict") else d.pile
+    if d.get("source") == "pile":
+        from fmjax.data.prepare import pile  # local: the data-preparation stage is heavy to import
+        m = pile.manifest(pile.resolve(config))
+        out["pile"] = {"id": m["id"], "version": m["version"], "created": m["created"], "tags": m["tags"],
+                       "sources": [{"name": s["name"], "domain": s["domain"], "licence": s["licence"],
+                                    "files": {os.path.basename(f["path"]): f["sha256"] for f in s["files"]}}
+                                   for s in m["sources"]],
+                       "shards_sha256": m["shards_sha256"]}
     return out
 
 
@@ -292,7 +299,10 @@ def _data_rows(data: dict) -> list[tuple]:
     if data["tokenizer_sha256"]:
         rows.append((f"sha256 of {tokenizer_lib.WORKDIR_FILE}", f"`{data['tokenizer_sha256']}`"))
     if "pile" in data:
-        rows.append(("data pile", data["pile"]))
+        p = data["pile"]
+        rows.append(("data pile", f"`{p['id']}` (created {p['created']}; tags: {', '.join(p['tags']) or 'none'})"))
+        rows += [(f"pile source {s['name']}", f"{s['domain']}, {s['licence']}: " +
+                  ", ".join(f"{name} `{sha[:16]}`" for name, sha in s["files"].items())) for s in p["sources"]]
     return rows
 
 

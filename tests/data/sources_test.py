@@ -86,7 +86,7 @@ def test_same_input_is_reused_and_changed_input_is_not(tmp_path):
 
 
 def test_unknown_source_lists_valid_ones(tmp_path):
-    valid = r"\['jsonl', 'pydoc', 'text', 'tfds'\]"
+    valid = r"\['jsonl', 'pile', 'pydoc', 'text', 'tfds'\]"
     with pytest.raises(ValueError, match="data.source=.wiki. is unknown; valid sources are " + valid):
         sources.validate(make_config(tmp_path, source="wiki"))
 

@@ -158,13 +158,23 @@ def test_parameter_counts_per_model_of_a_boxed_tree():
     assert model_card.parameter_counts(params["policy"]) == {"total": 40, "trainable": 40}
 
 
-def test_training_data_reports_a_data_pile_where_the_config_has_one(tmp_path):
+def test_training_data_hashes_local_files_and_names_a_data_pile(tmp_path):
     config = small_config(tmp_path)
-    config.data.pile = "piles/pydoc-v1"  # a future data-preparation stage's field
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("one document\n\nanother\n")
     config.data.update(source="text", path=str(corpus))
     data = model_card.training_data(config, str(tmp_path))
-    assert data["pile"] == "piles/pydoc-v1"
     assert data["file_sha256"] == {str(corpus): hashlib.sha256(corpus.read_bytes()).hexdigest()}
-    assert data["dataset_id"].startswith("text_") and data["tokenizer_sha256"] is None
+    assert data["dataset_id"].startswith("text_") and data["tokenizer_sha256"] is None and "pile" not in data
+
+    manifest = {"id": "demo@abc123", "version": "abc123", "created": "2026-11-23T00:00:00+00:00", "tags": ["t"],
+                "name": "demo", "shards_sha256": {"tfds/x.array_record-00000-of-00001": "f" * 64},
+                "sources": [{"name": "plays", "domain": "plays", "licence": "public-domain",
+                             "files": [{"path": "/d/plays.txt", "sha256": "e" * 64}]}]}
+    (tmp_path / "piles" / "demo" / "abc123").mkdir(parents=True)
+    (tmp_path / "piles" / "demo" / "abc123" / "manifest.json").write_text(json.dumps(manifest))
+    config.data.update(source="pile", pile="demo@abc123", piles_dir=str(tmp_path / "piles"))
+    data = model_card.training_data(config, str(tmp_path))
+    assert data["pile"]["id"] == "demo@abc123" and data["pile"]["sources"][0]["files"] == {"plays.txt": "e" * 64}
+    rows = dict(model_card._data_rows(data))
+    assert "`demo@abc123`" in rows["data pile"] and "plays.txt `eeeeeeeeeeeeeeee`" in rows["pile source plays"]
