@@ -8,9 +8,9 @@
   REPORT.md          the manifest as tables, with length_histogram.png (document lengths before
                      and after filtering)
 
-The version id is a hash of everything that determines the contents: every input file's sha256
-(or a TFDS name and split), the prepare config (runner and worker count excluded: they change how,
-not what) and PILE_FORMAT. Same inputs + same config = same version, prepared once; any change =
+The version id is a hash of everything that determines the contents: every input file's name and
+sha256 (or a TFDS name and split), the prepare config (runner, worker count and file locations
+excluded: they change how and where, not what) and PILE_FORMAT. Same inputs + same config = same version, prepared once; any change =
 a new version. A pile is built in a temporary directory and renamed into place, so a version
 directory is either complete or absent. Training reads one with data.source="pile",
 data.pile="<name>@<version>" (or "<name>@latest").
@@ -46,7 +46,11 @@ def source_record(source) -> dict:
 
 
 def prepare_settings(cfg) -> dict:
-    return {k: v for k, v in json.loads(cfg.to_json_best_effort(sort_keys=True)).items() if k not in _EXCLUDED}
+    """The prepare config that determines a pile's contents: without how it runs (runner, workers)
+    and without where the source files are (their contents are hashed instead)."""
+    settings = {k: v for k, v in json.loads(cfg.to_json_best_effort(sort_keys=True)).items() if k not in _EXCLUDED}
+    settings["sources"] = {name: {k: v for k, v in s.items() if k != "path"} for name, s in settings["sources"].items()}
+    return settings
 
 
 def version_id(cfg, source_records: list[dict]) -> str:

@@ -127,6 +127,14 @@ def test_same_inputs_same_version_and_bytes_any_change_a_new_version(built, plan
     changed = prepare_config(root, tmp_path / "piles", blocklist=("blockword2",))
     records = [pile.source_record(s) for s in pipeline.configured_sources(changed.data.prepare)]
     assert pile.version_id(changed.data.prepare, records) != path.name
+    edited = tmp_path / "raw"  # the same files elsewhere: the same version; one byte changed: a new one
+    edited.mkdir()
+    for name in ("clean.txt", "planted.jsonl", "private.jsonl"):
+        (edited / name).write_bytes((root / name).read_bytes())
+    moved = prepare_config(edited, tmp_path / "piles").data.prepare
+    assert pile.version_id(moved, [pile.source_record(s) for s in pipeline.configured_sources(moved)]) == path.name
+    (edited / "clean.txt").write_text((root / "clean.txt").read_text().replace("the", "The", 1))
+    assert pile.version_id(moved, [pile.source_record(s) for s in pipeline.configured_sources(moved)]) != path.name
 
 
 def test_the_tiny_lm_trains_from_the_pile_by_name_and_version(built, tmp_path):
