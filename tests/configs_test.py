@@ -11,9 +11,13 @@ from fmjax.tasks import validate_data
 from fmjax.train import loop
 
 CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("*.py") if p.name != "__init__.py")
+# The tiny decoder and encoder and the data-pile config run with every `make test`; the others
+# (a minute or more each on 2 cores: U-Nets, pretrained MiniLM, fine-tuning) with `make test-all`.
+FAST = ("configs/lm/tiny.py", "configs/encoder/tiny.py", "configs/data/shared_text.py")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: Path(p).stem)
+@pytest.mark.parametrize("path", [p if p.endswith(FAST) else pytest.param(p, marks=pytest.mark.slow) for p in CONFIGS],
+                         ids=lambda p: Path(p).stem)
 def test_config_trains_two_steps(tmp_path, path):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(spec)
@@ -33,8 +37,14 @@ def test_config_trains_two_steps(tmp_path, path):
     config.data.cache_dir = str(tmp_path / "cache")
     if "max_per_class" in config.data:  # labelled data: a few passages per class suffice
         config.data.max_per_class = 40
-    if config.task.name == "diffusion":  # sampling and scoring have tests of their own
-        config.task.update(sample_steps=2, score_samples=0, sample_per_class=1)
+    devices = None  # all 8
+    if config.task.name == "diffusion":  # sampling, scoring and eval buckets have tests of their own
+        config.task.update(sample_steps=2, score_samples=0, sample_per_class=1, eval_buckets=1)
+        # U-Net compiles are most of the time: one ResNet block per level (every level, attention
+        # level and condition stays), trained on one device (the mesh is still validated for 8
+        # below; sharded U-Nets, captions included, train in tests/tasks/diffusion_test.py).
+        config.model.blocks_per_level = 1
+        devices = jax.devices()[:1]
     config.data.seq_len = min(config.data.seq_len, 64)  # two steps check wiring, not long inputs
     config.train.update(steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1, ckpt_every=2,
                         progress_bar=False)
@@ -42,5 +52,5 @@ def test_config_trains_two_steps(tmp_path, path):
     config.eval.limit = 2  # benchmarks and perplexity datasets: two questions / documents each
     config_lib.validate(config, jax.device_count())
     validate_data(config)
-    results = loop.train(loop.setup(config, str(tmp_path / "run")))
+    results = loop.train(loop.setup(config, str(tmp_path / "run"), devices))
     assert results["loss"] > 0 and (tmp_path / "run" / "checkpoints" / "2").is_dir()

@@ -1,6 +1,7 @@
 """Diffusion task through the shared trainer: weighted loss, eval buckets, EMA checkpointed and
 resumed exactly, sharded = 1 device, guided samples written and scored, captions end to end."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -17,12 +18,20 @@ def small_config(tmp_path, **train):
     c = digits.get_config()
     # One level (no down/up sampling) and the middle attention only: compiles in seconds on CPU.
     c.model.update(width=16, groups=4, n_heads=2, channel_mults=(1,), attention_levels=())
-    c.data.cache_dir = str(tmp_path.parent / "cache")  # shared by the tests of this module
+    c.data.cache_dir = str(cache_dir(tmp_path))
     c.task.update(timesteps=100, sample_steps=4, score_samples=3, eval_buckets=3, sample_per_class=2)
     c.train.update(steps=6, batch_size=16, log_every=1, eval_every=1000, eval_batches=1, ckpt_every=3,
                    progress_bar=False, ema_decay=0.9)
     c.train.update(**train)
     return c
+
+
+def cache_dir(tmp_path):
+    """The data cache of this module's tests (caption tokenizer, the classifier that scores samples),
+    shared by every pytest-xdist worker of the session too (fmjax locks what it caches there), so
+    the classifier trains once per session."""
+    base = tmp_path.parent  # the session's base temp dir, or this worker's under xdist
+    return (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "diffusion-cache"
 
 
 def losses(workdir):
@@ -80,7 +89,8 @@ def test_sharded_training_matches_one_device(tmp_path, full_run):
     full, _ = full_run
     config = small_config(tmp_path)
     config.mesh.update(data=2, fsdp=2, tensor=2)
-    config.task.score_samples = 0  # the losses are compared; sample scores have the test below
+    # The losses are compared; sample scores and eval buckets have the tests below.
+    config.task.update(score_samples=0, eval_buckets=1)
     loop.train(loop.setup(config, str(tmp_path / "eight")))
     one, eight = losses(full), losses(tmp_path / "eight")
     assert sorted(one) == sorted(eight) == list(range(1, 7))
@@ -99,12 +109,14 @@ def test_eval_has_loss_per_bucket_scores_and_a_sample_grid(full_run):
     assert picture.shape == (4 * (10 * 9 + 1), 4 * (2 * 9 + 1))  # 10 rows of 2 tiles of 8+1 pixels, x4
 
 
+@pytest.mark.slow
 def test_captions_train_and_sample_end_to_end(tmp_path):
     config = small_config(tmp_path, steps=2)
     config.model.n_classes = 0
     config.model.text_encoder = {"vocab_size": 300, "width": 32, "n_layers": 1, "n_heads": 2, "head_dim": 16,
                                  "mlp_dim": 64, "max_len": 16, "positions": "rope", "norm": "pre"}
     config.data.update(captions=True, seq_len=12)
+    config.task.eval_buckets = 1  # buckets have their test above; this one needs the sample scores
     results = loop.train(loop.setup(config, str(tmp_path / "run")))
     assert "class_accuracy" in results and (tmp_path / "run" / "tokenizer.model").is_file()
     assert (tmp_path / "run" / "samples" / "step_2.png").is_file()

@@ -4,6 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs.lm import tiny as lm_tiny
 from configs.preference import dolly_tiny as preference_tiny
@@ -67,6 +68,7 @@ def _chat_records():
     return [{"instruction": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(40)]
 
 
+@pytest.mark.slow
 def test_sft_from_a_pretrained_workdir_then_chat_then_dpo(tmp_path):
     base = _pretrain(tmp_path)
     path = tmp_path / "chat.jsonl"
