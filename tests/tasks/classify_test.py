@@ -188,7 +188,8 @@ def pretrained_vs_scratch(tmp_path, seed):
     pre.data.update(source="jsonl", path=str(labelled.write_corpus(corpus)), text_field="text", seq_len=64,
                     validation_fraction=0.8, cache_dir=str(tmp_path / "cache"))
     pre.optim.update(lr=3e-3, warmup=0.1)
-    # 400 MLM and 150 fine-tuning steps: 800 and 300 cost twice the training for about the same gaps (below).
+    # 400 MLM and 150 fine-tuning steps: 800 and 300 cost twice the training for about the same gaps
+    # (see the test).
     pre.train.update(steps=400, batch_size=16, eval_batches=4, **quiet)
     one = jax.devices()[:1]  # the mesh adds nothing here, and 8 fake devices on 2 cores cost ~20%
     mlm = loop.train(loop.setup(pre, str(tmp_path / "encoder"), one))
@@ -205,7 +206,6 @@ def pretrained_vs_scratch(tmp_path, seed):
     return pretrained, scratch
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_TEXT.is_dir(), reason=f"the offline corpora are not at {SHARED_TEXT}")
 def test_mlm_pretraining_beats_scratch_on_held_out_domains(tmp_path):
