@@ -59,6 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.progress_bar = True
     c.train.ema_decay = 0.0  # > 0: keep an EMA of the params (checkpointed; eval and samples use it)
+    # The step guard (fmjax/train/step.py): a step with a NaN / Inf loss or gradient is skipped
+    # (params and optimizer state unchanged, counted as skipped_steps); after max_bad_steps skipped
+    # steps in a row the run stops with an error. spike_factor > 0 also skips a step whose loss is
+    # above spike_factor x the running mean of the applied steps' losses (0: off).
+    c.train.max_bad_steps = 10
+    c.train.spike_factor = 0.0
 
     # Evaluation beyond the held-out split (fmjax/eval/): run at every train.eval_every, at the last
     # step and by mode=eval; results join eval/results.json, metrics.jsonl and the model card.
@@ -82,6 +88,34 @@ def steps(value: float, total_steps: int) -> int:
     return int(round(value * total_steps)) if value < 1 else int(value)
 
 
+# Tuple fields of every config that hold strings: `--config.eval.tasks=cloze` reads as ('cloze',),
+# but `--config.eval.tasks="(1, 2)"` as numbers, which would fail deep inside the run.
+_STRING_TUPLES = ("optim.lora.targets", "eval.tasks", "eval.datasets")
+
+
+def _check_string_tuples(config) -> None:
+    for name in _STRING_TUPLES:
+        value = config
+        for part in name.split("."):
+            value = value[part]
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name}={value!r} must be a tuple of strings, e.g. "
+                             f"--config.{name}=\"('a', 'b')\"")
+
+
+def _check_optim(optim) -> None:
+    if not optim.lr > 0:
+        raise ValueError(f"optim.lr={optim.lr} must be > 0")
+    for field in ("b1", "b2"):
+        if not 0 <= optim[field] < 1:
+            raise ValueError(f"optim.{field}={optim[field]} must be in [0, 1)")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be in [0, 1]")
+    for field in ("eps", "weight_decay", "clip_norm"):
+        if not optim[field] >= 0:
+            raise ValueError(f"optim.{field}={optim[field]} must be >= 0")
+
+
 def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]:
     """Checks everything a user can get wrong before any compilation; returns the mesh shape.
 
@@ -92,7 +126,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]
     mesh = sharding.mesh_shape(config.mesh, num_devices)
     train = config.train
     for field in ("steps", "batch_size", "microbatches", "log_every", "eval_every", "ckpt_every",
-                  "eval_batches", "keep_checkpoints"):
+                  "eval_batches", "keep_checkpoints", "max_bad_steps"):
         if train[field] < 1:
             raise ValueError(f"train.{field}={train[field]} must be >= 1")
     data_parallel = mesh["data"] * mesh["fsdp"]
@@ -105,8 +139,12 @@ def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]
     if (train.batch_size // train.microbatches) % data_parallel:
         raise ValueError(f"train.batch_size / train.microbatches = {train.batch_size // train.microbatches}"
                          f" is not divisible by the data-parallel size {data_parallel}")
+    if train.spike_factor != 0 and train.spike_factor <= 1:
+        raise ValueError(f"train.spike_factor={train.spike_factor} must be 0 (off) or above 1")
     if not 0 <= train.ema_decay < 1:
         raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0: no EMA)")
+    _check_string_tuples(config)
+    _check_optim(config.optim)
     from fmjax.peft import lora  # local: keeps this module's import light
     lora.LoraConfig.from_config(config)
     if not 0 <= config.optim.warmup < config.train.steps:

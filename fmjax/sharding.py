@@ -68,6 +68,9 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size}: mesh sizes are positive integers or -1 (the rest)")
+        if size > num_devices:
+            raise ValueError(f"mesh.{name}={size} is more than the {num_devices} devices available; "
+                             f"mesh.data*fsdp*tensor must equal {num_devices}")
     if len(free) > 1:
         raise ValueError(f"mesh: only one of mesh.data/fsdp/tensor may be -1, got {free}")
     fixed = math.prod(s for s in sizes.values() if s != -1)

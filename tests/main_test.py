@@ -17,27 +17,102 @@ def cli(workdir, *overrides, devices=1, mode_args=()):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+# Files the cases below read, written into the test's tmp_path ("{tmp}" in overrides and messages).
+GOOD = b'{"text": "a good line"}\n'
+FILES = {
+    "empty.txt": b"", "empty.jsonl": b"", "blank.txt": b"\n  \n\n",
+    "latin1.txt": "first line\ncaf\u00e9\n".encode("latin-1"),
+    "latin1.jsonl": GOOD + '{"text": "caf\u00e9"}\n'.encode("latin-1"),
+    "bad_json.jsonl": GOOD + b"\n" + b'{"text": oops}\n' + GOOD,
+    "no_field.jsonl": GOOD + b'{"body": "no text"}\n',
+    "wrong_type.jsonl": GOOD + b'{"text": 42}\n',
+    "not_object.jsonl": GOOD + b'["text"]\n',
+    "a_file": b"",
+    "broken_run/checkpoints": b"",  # a file where the checkpoints directory belongs
+}
+
+
+def write_files(tmp_path):
+    for name, content in FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+
+
+def jsonl(name: str) -> list[str]:
+    return ["--config.data.source=jsonl", f"--config.data.path={{tmp}}/{name}"]
+
+
 @pytest.mark.parametrize("overrides, devices, message", [
+    # Config keys and types.
     (["--config.train.stepz=5"], 1, "--config.train.stepz: the config has no field 'stepz'"),
+    (["--config.trian.steps=5"], 1, "--config.trian.steps: the config has no field 'trian'"),
     (["--config.train.steps=ten"], 1, "--config.train.steps=ten: invalid literal for int()"),
+    (["--config.optim.lr=abc"], 1, "--config.optim.lr=abc: could not convert string to float: 'abc'"),
+    (["--config.train.progress_bar=maybe"], 1, "--config.train.progress_bar=maybe: ('Non-boolean argument"),
+    (["--config.optim.lora.targets=(1, 2)"], 1, "optim.lora.targets=(1, 2) must be a tuple of strings"),
+    (["--config.sharding_rules=abc"], 1, "Type <class 'list'> of field config.sharding_rules is not supported"),
+    (["--config.optim.lr=-0.1"], 1, "optim.lr=-0.1 must be > 0"),
+    (["--config.model.attention=flash"], 1, "model.attention='flash'"),
+    (["--config.mode=eval"], 1, "no committed checkpoint under"),
+    # Meshes.
     (["--config.mesh.data=3"], 8, "mesh: data*fsdp*tensor = 3"),
     (["--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=-1"], 8,
      "only one of mesh.data/fsdp/tensor may be -1"),
+    (["--config.mesh.fsdp=-2"], 8, "mesh.fsdp=-2: mesh sizes are positive integers or -1 (the rest)"),
+    (["--config.mesh.tensor=16"], 8, "mesh.tensor=16 is more than the 8 devices available"),
     (["--config.train.batch_size=12"], 8, "train.batch_size=12 is not divisible by the data-parallel size"),
-    (["--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt"], 1, "/nonexistent/corpus.txt"),
+    # Data files.
+    (["--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt"], 1,
+     "data.path='/nonexistent/corpus.txt' does not exist or is not a file"),
+    (["--config.data.source=text", "--config.data.path={tmp}"], 1, "data.path='{tmp}' is a directory"),
+    (["--config.data.source=text", "--config.data.path={tmp}/empty.txt"], 1,
+     "data.path='{tmp}/empty.txt' contains no documents (the file is empty or blank)"),
+    (["--config.data.source=text", "--config.data.path={tmp}/blank.txt"], 1,
+     "data.path='{tmp}/blank.txt' contains no documents"),
+    (jsonl("empty.jsonl"), 1, "data.path='{tmp}/empty.jsonl' contains no documents"),
+    (jsonl("bad_json.jsonl"), 1, "{tmp}/bad_json.jsonl:3: not valid JSON (Expecting value)"),
+    (jsonl("no_field.jsonl"), 1,
+     "{tmp}/no_field.jsonl:2: has no field data.text_field='text'; the line has ['body']"),
+    (jsonl("no_field.jsonl") + ["--config.data.text_field=body"], 1,
+     "{tmp}/no_field.jsonl:1: has no field data.text_field='body'; the line has ['text']"),
+    (jsonl("wrong_type.jsonl"), 1,
+     "{tmp}/wrong_type.jsonl:2: field 'text' (data.text_field) is a number, not a string"),
+    (jsonl("not_object.jsonl"), 1,
+     "{tmp}/not_object.jsonl:2: has no field data.text_field='text'; the line is an array, not an object"),
+    (["--config.data.source=text", "--config.data.path={tmp}/latin1.txt"], 1,
+     "{tmp}/latin1.txt:2: not valid UTF-8 (invalid continuation byte at byte offset 3 of the line)"),
+    (jsonl("latin1.jsonl"), 1, "{tmp}/latin1.jsonl:2: not valid UTF-8"),
     (["--config.data.source=wiki"], 1, "data.source='wiki'"),
-    (["--config.model.attention=flash"], 1, "model.attention='flash'"),
-    (["--config.mode=eval"], 1, "no committed checkpoint under"),
+    # The workdir.
+    (["--workdir={tmp}/a_file/run"], 1, "--workdir={tmp}/a_file/run cannot be created: {tmp}/a_file is not a directory"),
+    (["--workdir={tmp}/broken_run"], 1, "--workdir={tmp}/broken_run: {tmp}/broken_run/checkpoints is not a writable directory"),
+    (["--workdir={tmp}/a_file"], 1, "--workdir={tmp}/a_file is not a directory"),
+    # Evaluation.
     (["--config.eval.datasets=('wikitext2',)"], 1, "eval.datasets: 'wikitext2' is not one of"),
     (["--config.eval.tasks=('/nonexistent/task.jsonl',)"], 1, "eval.tasks: /nonexistent/task.jsonl is neither"),
+    (["--config.init_from=/nonexistent/run"], 1, "init_from='/nonexistent/run': no such workdir"),
+    (["--config=configs/nope.py"], 1, "No such file or directory: 'configs/nope.py'"),
 ])
 def test_bad_input_fails_before_compilation_with_one_clear_line(tmp_path, overrides, devices, message):
-    result = cli(tmp_path / "run", *overrides, devices=devices)
+    write_files(tmp_path)
+    result = cli(tmp_path / "run", *(o.format(tmp=tmp_path) for o in overrides), devices=devices)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("fmjax: error:") and message in last, result.stderr[-2000:]
+    assert last.startswith("fmjax: error:") and message.format(tmp=tmp_path) in last, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_skip_bad_records_reports_the_skipped_lines_once(tmp_path):
+    """With data.skip_bad_records the bad lines are counted and reported; the run goes on (here to
+    the next bad input, a mode=eval workdir without checkpoints, to stay before compilation)."""
+    write_files(tmp_path)
+    result = cli(tmp_path / "run", *(o.format(tmp=tmp_path) for o in jsonl("bad_json.jsonl")),
+                 "--config.data.skip_bad_records=True", "--config.mode=eval")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("fmjax: warning:")]
+    assert warnings == [f"fmjax: warning: skipped 1 malformed record of {tmp_path}/bad_json.jsonl (first: "
+                        "line 3: not valid JSON (Expecting value)); data.skip_bad_records=True"], result.stderr
+    assert "no committed checkpoint under" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow

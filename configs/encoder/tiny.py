@@ -37,8 +37,8 @@ def get_config():
     c.task.name = "mlm"
     c.task.mask_rate = 0.15  # of the real, non-special tokens
     c.task.whole_word = False
-    c.task.sample_prompts = ["The [MASK] statement is used to iterate over a [MASK].",
-                             "An exception is [MASK] when an error occurs."]
+    c.task.sample_prompts = ("The [MASK] statement is used to iterate over a [MASK].",
+                             "An exception is [MASK] when an error occurs.")
     # mode=embed: one text per line of a .txt (or data.text_field of a .jsonl) -> a float32 .npy
     c.task.embed_input = ""
     c.task.embed_output = ""  # "" = WORKDIR/embeddings.npy

@@ -37,7 +37,7 @@ def get_config():
 
     c.task.name = "lm"
     c.task.z_loss = 1e-4  # coefficient of log(Z)^2, keeps logits from drifting
-    c.task.sample_prompts = ["The for statement", "A class definition", "Exceptions are"]
+    c.task.sample_prompts = ("The for statement", "A class definition", "Exceptions are")  # a tuple: overridable
     c.task.sample_tokens = 48
     c.task.sample_temperature = 0.7  # 0: greedy
     c.task.sample_top_k = 0  # 0: off
@@ -46,6 +46,9 @@ def get_config():
     c.data.source = "pydoc"  # pydoc | text | jsonl | tfds | pile
     c.data.path = ""  # the .txt / .jsonl file for source=text|jsonl
     c.data.text_field = "text"
+    # source=text|jsonl: a line that is not UTF-8, not JSON or has no string text_field fails the
+    # run naming file:line; True skips such lines instead, reporting how many and the first.
+    c.data.skip_bad_records = False
     c.data.tfds_name = ""  # e.g. "lm1b" for source=tfds
     c.data.pile = ""  # source=pile: "<name>@<version>" or "<name>@latest" (mode=prepare makes piles)
     c.data.piles_dir = "piles"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 from typing import Callable, Iterator
 
 import ml_collections
@@ -60,13 +61,38 @@ def is_validation(text: str, fraction: float) -> bool:
     return h < fraction * 2.0**64
 
 
-# -- Document readers. They raise the user-facing errors, for validate() and preparation alike.
+# -- Document readers. They raise the user-facing errors, for validate() and preparation alike;
+# given a BadRecords (data.skip_bad_records), they count and skip malformed lines instead.
+
+# What a JSON value is, in JSON's words, for errors about a line's contents.
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+@dataclasses.dataclass
+class BadRecords:
+    """The malformed lines a reader skipped instead of failing on them (data.skip_bad_records)."""
+
+    count: int = 0
+    first: str = ""  # "line N: why" of the first one
+
+    def describe(self, path: str) -> str:
+        records = "record" if self.count == 1 else "records"
+        return f"skipped {self.count} malformed {records} of {path} (first: {self.first})"
+
+
+def _bad_record(skipped: BadRecords | None, path: str, lineno: int, why: str, hint: str = "") -> None:
+    """Raises the ValueError naming file:line, or counts the line when `skipped` collects them."""
+    if skipped is None:
+        raise ValueError(f"{path}:{lineno}: {why}{hint}") from None
+    skipped.count += 1
+    skipped.first = skipped.first or f"line {lineno}: {why}"
 
 
 def pydoc_documents(path: str = "", text_field: str = "", separator: str = "",
-                    max_bytes: int | None = None) -> Iterator[str]:
+                    max_bytes: int | None = None, skipped: BadRecords | None = None) -> Iterator[str]:
     """Python's bundled documentation topics, as paragraph-aligned documents (arguments unused)."""
-    del path, text_field, separator, max_bytes
+    del path, text_field, separator, max_bytes, skipped
     from pydoc_data import topics  # pylint: disable=g-import-not-at-top
 
     for name in sorted(topics.topics):
@@ -81,30 +107,31 @@ def pydoc_documents(path: str = "", text_field: str = "", separator: str = "",
             yield "\n\n".join(current).rstrip()
 
 
-def _lines(path: str, max_bytes: int | None) -> Iterator[tuple[int, str]]:
+def _lines(path: str, max_bytes: int | None,
+           skipped: BadRecords | None = None) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file; decoding per line is exact since b"\\n" is never
     inside a multi-byte UTF-8 sequence, and it lets the error name the line."""
     read = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            read += len(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
-                    "data.path must be a UTF-8 text file") from None
-            yield lineno, line
-            read += len(raw)
+                _bad_record(skipped, path, lineno, f"not valid UTF-8 ({e.reason} at byte offset {e.start} of "
+                            "the line)", "; data.path must be a UTF-8 text file")
+            else:
+                yield lineno, line
             if max_bytes is not None and read >= max_bytes:
                 return
 
 
 def text_documents(path: str, text_field: str = "", separator: str = "",
-                   max_bytes: int | None = None) -> Iterator[str]:
+                   max_bytes: int | None = None, skipped: BadRecords | None = None) -> Iterator[str]:
     """Documents of a text file: split on `separator`, or blank-line separated blocks if empty."""
     del text_field
     buffer: list[str] = []
-    for _, line in _lines(path, max_bytes):
+    for _, line in _lines(path, max_bytes, skipped):
         if separator:
             buffer.append(line)
             if separator in line:
@@ -121,33 +148,43 @@ def text_documents(path: str, text_field: str = "", separator: str = "",
         yield last.strip() if separator else last.rstrip()
 
 
-def jsonl_records(path: str, max_bytes: int | None = None) -> Iterator[tuple[int, object]]:
+def jsonl_records(path: str, max_bytes: int | None = None,
+                  skipped: BadRecords | None = None) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON) of each non-blank line of a .jsonl file; errors name file:line."""
-    for lineno, line in _lines(path, max_bytes):
+    for lineno, line in _lines(path, max_bytes, skipped):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); a .jsonl file has one JSON "
-                             "object per line") from None
+            _bad_record(skipped, path, lineno, f"not valid JSON ({e.msg})",
+                        "; a .jsonl file has one JSON object per line")
+        else:
+            yield lineno, record
 
 
-def jsonl_documents(path: str, text_field: str, separator: str = "",
-                    max_bytes: int | None = None) -> Iterator[str]:
+def _missing_text(record: object, text_field: str) -> str:
+    """Why a JSONL record has no string under `text_field`; "" when it has one."""
+    if not isinstance(record, dict):
+        return (f"has no field data.text_field={text_field!r}; the line is {_JSON_KINDS[type(record)]}, "
+                "not an object")
+    if text_field not in record:
+        return f"has no field data.text_field={text_field!r}; the line has {sorted(record)}"
+    if not isinstance(record[text_field], str):
+        return (f"field {text_field!r} (data.text_field) is {_JSON_KINDS[type(record[text_field])]}, "
+                "not a string")
+    return ""
+
+
+def jsonl_documents(path: str, text_field: str, separator: str = "", max_bytes: int | None = None,
+                    skipped: BadRecords | None = None) -> Iterator[str]:
     """The `text_field` string of each JSON object line of a .jsonl file; blank lines skipped."""
     del separator
-    for lineno, record in jsonl_records(path, max_bytes):
-        if not isinstance(record, dict) or text_field not in record:
-            fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{lineno}: has no field data.text_field={text_field!r}; "
-                             f"the line has {fields}")
-        text = record[text_field]
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{lineno}: field {text_field!r} (data.text_field) is a "
-                             f"{type(text).__name__}, not a string")
-        if text.strip():
-            yield text
+    for lineno, record in jsonl_records(path, max_bytes, skipped):
+        if why := _missing_text(record, text_field):
+            _bad_record(skipped, path, lineno, why)
+        elif record[text_field].strip():
+            yield record[text_field]
 
 
 # -- The TFDS builder that stores local corpora as array_record.
@@ -162,6 +199,9 @@ class LocalTextConfig(tfds.core.BuilderConfig):
     text_field: str = ""
     separator: str = ""
     validation_fraction: float = 0.0
+    # Not in `name`: a file prepares either to the same documents with or without skipping its
+    # malformed lines, or (not skipping them) not at all.
+    skip_bad_records: bool = False
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -175,7 +215,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _documents(self) -> Iterator[str]:
         c = self.builder_config
-        return LOCAL_READERS[c.kind](c.path, c.text_field, c.separator)
+        skipped = BadRecords() if c.skip_bad_records else None  # counted and reported by validate()
+        return LOCAL_READERS[c.kind](c.path, c.text_field, c.separator, skipped=skipped)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -221,6 +262,12 @@ def file_sha256(path: str) -> str:
     return _file_sha256(path, stat.st_size, stat.st_mtime_ns)
 
 
+def _skips_bad_records(data: ml_collections.ConfigDict) -> bool:
+    # Data sections that fmjax writes itself (labelled.texts_tokenizer's corpus of texts it has
+    # just written) have no such field; their lines are never malformed.
+    return bool(data.get("skip_bad_records", False))
+
+
 def _local_config(config: ml_collections.ConfigDict) -> LocalTextConfig:
     """The builder config of a local source: only the fields that matter for that kind."""
     d = config.data
@@ -239,7 +286,8 @@ def _local_config(config: ml_collections.ConfigDict) -> LocalTextConfig:
     identity = (d.source, path, file_sha256(path), field, separator, fraction)
     return LocalTextConfig(name=f"{d.source}_{_digest(*identity)}", version="1.0.0",
                            description=path, kind=d.source, path=path, text_field=field,
-                           separator=separator, validation_fraction=fraction)
+                           separator=separator, validation_fraction=fraction,
+                           skip_bad_records=_skips_bad_records(d))
 
 
 def _tfds_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -272,13 +320,38 @@ def _validate_local(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.source={d.source!r} reads the file data.path, which is empty; set "
                          "data.path to a " + ("UTF-8 .txt file" if d.source == "text" else
                                               ".jsonl file with one JSON object per line"))
+    if os.path.isdir(d.path):
+        raise ValueError(f"data.path={d.path!r} is a directory; set it to the file itself")
     if not os.path.isfile(d.path):
         raise ValueError(f"data.path={d.path!r} does not exist or is not a file")
     if d.source == "jsonl" and not d.text_field:
         raise ValueError("data.text_field is empty; set it to the JSON field holding the text")
-    docs = LOCAL_READERS[d.source](d.path, d.text_field, d.doc_separator, _VALIDATE_BYTES)
-    if not sum(1 for _ in docs):  # Reads the whole (bounded) prefix, so bad lines surface here.
-        raise ValueError(f"data.path={d.path!r} contains no documents (the file is empty or blank)")
+    stat = os.stat(d.path)
+    field = d.text_field if d.source == "jsonl" else ""
+    separator = d.doc_separator if d.source == "text" else ""
+    _scan(d.source, d.path, field, separator, _skips_bad_records(d), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _scan(kind: str, path: str, text_field: str, separator: str, skip: bool, size: int,
+          mtime_ns: int) -> None:
+    """Reads the first _VALIDATE_BYTES of a local file once per version of it (validate() runs for
+    every split loaded): its bad lines raise here, or are counted and reported once."""
+    del mtime_ns  # Part of the cache key only.
+    skipped = BadRecords() if skip else None
+    try:
+        docs = sum(1 for _ in LOCAL_READERS[kind](path, text_field, separator, _VALIDATE_BYTES,
+                                                  skipped=skipped))
+    except OSError as e:
+        raise ValueError(f"data.path={path!r} cannot be read ({e.strerror or e})") from None
+    report = skipped.describe(path) if skipped and skipped.count else ""
+    if report and size > _VALIDATE_BYTES:
+        report += f", in its first {_VALIDATE_BYTES >> 20} MiB"
+    if not docs:
+        why = f"data.skip_bad_records: {report}" if report else "the file is empty or blank"
+        raise ValueError(f"data.path={path!r} contains no documents ({why})")
+    if report:
+        print(f"fmjax: warning: {report}; data.skip_bad_records=True", file=sys.stderr, flush=True)
 
 
 def _load_local(config: ml_collections.ConfigDict, split: str):

@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shutil
+import uuid
 from typing import Callable, Iterator, Sequence
 
 import ml_collections
@@ -113,8 +114,9 @@ def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokeni
         tokenizer = get_tokenizer(config)
         if isinstance(tokenizer, Tokenizer):  # a Hugging Face folder stays where data.tokenizer names it
             os.makedirs(workdir, exist_ok=True)
-            shutil.copyfile(tokenizer.path, own + ".tmp")
-            os.replace(own + ".tmp", own)
+            tmp = f"{own}.{uuid.uuid4().hex}.tmp"  # the processes of a multi-process run copy at once
+            shutil.copyfile(tokenizer.path, tmp)
+            os.replace(tmp, own)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} but the tokenizer {tokenizer.path} "
                          f"has {tokenizer.vocab_size} pieces")

@@ -1,7 +1,9 @@
 """The loop: restore or init, step, log, eval, checkpoint; and the eval / sample entry points.
 
-The loop dispatches step n+1 before reading step n's metrics: metrics leave the device only at
-log steps, so the host never waits on the device in between.
+The loop dispatches step n+1 before reading step n's one guard counter (train/step.py), and the
+other metrics leave the device only at log steps: the device always has a step queued.
+Reliability (docs/reliability.md): resume from the newest good checkpoint (train/checkpoint.py),
+save and stop on SIGTERM (train/preemption.py), stop after train.max_bad_steps skipped steps in a row.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from fmjax import sharding
 from fmjax.data import tokenizer as tokenizer_lib
 from fmjax.eval import heldout, model_card, suite as suite_lib
 from fmjax.tasks import Task, build_task
-from fmjax.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from fmjax.train import checkpoint, metrics as metrics_lib, optim, preemption, state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass
@@ -70,42 +72,62 @@ def write_config(config, workdir: str):
             f.write(config.to_json_best_effort(indent=2) + "\n")
 
 
+class Diverged(RuntimeError):
+    """train.max_bad_steps steps in a row were skipped by the step guard."""
+
+
+def _check_streak(step: int, step_metrics, limit: int, newest_checkpoint):
+    streak = int(jax.device_get(step_metrics["bad_streak"]))
+    if streak >= limit:
+        raise Diverged(f"steps {step - streak + 1} to {step}: {streak} steps in a row had a NaN / Inf loss or "
+                       f"gradients (or a loss spike) and were skipped (train.max_bad_steps={limit}); stopping. "
+                       f"The newest checkpoint is step {newest_checkpoint}; lower optim.lr or check the data")
+
+
 def train(run: Run, hooks=()) -> dict:
-    """Trains (resuming from the newest checkpoint in the workdir); returns the final eval results.
+    """Trains (resuming from the newest good checkpoint in the workdir); returns the final eval results.
 
     `hooks` are called as hook(step, state, metrics) after every step (Levanter-style); a hook
     that raises stops the run, after any checkpoint save in flight has completed.
+    Raises preemption.Preempted after saving when the process gets SIGTERM, Diverged after
+    train.max_bad_steps skipped steps in a row, checkpoint.CorruptCheckpoint if no checkpoint of the
+    workdir can be restored. A failed asynchronous save raises at the next save or at the end.
     """
     config, workdir = run.config, run.workdir
     write_config(config, workdir)
     cfg = config.train
     ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
     data = run.task.train_iterator(jax.process_index(), jax.process_count())
-    start = ckpts.latest_step() or 0
-    if start:
-        state, data_state = ckpts.restore(start, run.abstract)
+    restored = ckpts.restore_latest(run.abstract)
+    if restored:
+        start, state, data_state = restored
         data.set_state(data_state)
         print(f"resumed from {ckpts.directory}/{start}", flush=True)
     else:
+        start = 0
         state = state_lib.init_state(run.task, run.tx, config.seed, run.abstract, run.shardings)
         if config.init_from:
             params, fresh = pretrained_params(run, state.params)
             state = state.replace(params=params, ema=None if state.ema is None else params)
             print(f"init_from {config.init_from}; newly initialised: {fresh or 'nothing'}", flush=True)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches, cfg.ema_decay),
+        step_lib.make_train_step(run.task, run.tx, optim.schedule(config), cfg.microbatches, cfg.ema_decay,
+                                 cfg.spike_factor),
         run.shardings, run.batch_sharding, run.mesh)
     suite = suite_lib.Suite(run)
     writer = metrics_lib.MetricsWriter(workdir, cfg.steps, start, cfg.progress_bar)
     peak = metrics_lib.peak_flops(run.mesh.devices.flatten().tolist())
     units_per_step = cfg.batch_size * run.task.units_per_example()
     config_dict = json.loads(config.to_json_best_effort())
-    results = {}
+    results, saved, previous = {}, start, None
     try:
-        with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+        with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules), preemption.Watcher() as preempt:
             last_time, last_step = time.perf_counter(), start
             for step in range(start + 1, cfg.steps + 1):
                 state, step_metrics = train_step(state, run.to_global(next(data)))
+                if previous is not None:  # the step before: this one stays in flight meanwhile
+                    _check_streak(*previous, cfg.max_bad_steps, saved)
+                previous = (step, step_metrics)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     record = jax.device_get(step_metrics)
                     elapsed = time.perf_counter() - last_time
@@ -121,9 +143,16 @@ def train(run: Run, hooks=()) -> dict:
                     results = run.evaluate_and_record(suite, state_lib.inference_params(state), step, writer)
                     last_time = time.perf_counter()  # eval time is not training throughput
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    _check_streak(step, step_metrics, cfg.max_bad_steps, saved)
                     ckpts.save(step, state, data.get_state(), config_dict)
+                    saved = step
                 for hook in hooks:
                     hook(step, state, step_metrics)
+                if preempt.reached(step):
+                    if saved != step:
+                        ckpts.save(step, state, data.get_state(), config_dict)
+                    ckpts.wait()
+                    raise preemption.Preempted(step, ckpts.directory)
         if start < cfg.steps:  # samples run unconstrained: a few prompts need not fill the mesh
             run.task.write_samples(state_lib.inference_params(state), workdir, cfg.steps)
         model_card.write(run)
@@ -159,10 +188,12 @@ def inference_params(run: Run):
         print(f"parameters from init_from {run.config.init_from}; newly initialised: {fresh or 'nothing'}",
               flush=True)
         return params, 0
-    step = checkpoint.require_latest_step(run.workdir)
+    checkpoint.require_latest_step(run.workdir)
     ckpts = checkpoint.Checkpoints(run.workdir, run.config.train.keep_checkpoints)
-    state, _ = ckpts.restore(step, run.abstract)
-    ckpts.close()
+    try:
+        step, state, _ = ckpts.restore_latest(run.abstract, move_bad=False)
+    finally:
+        ckpts.close()
     return state_lib.inference_params(state), step
 
 

@@ -18,6 +18,12 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 PRNG key; per-step keys are fold_in(rng, step)
     ema: Any = None  # exponential moving average of params (train.ema_decay > 0), else None
+    # The step guard (train/step.py): steps whose update was skipped (non-finite loss or gradients,
+    # or a loss spike), how many of the latest steps in a row were, and the running mean of the
+    # losses of the applied steps (spike detection).
+    skipped_steps: jax.Array = None
+    bad_streak: jax.Array = None
+    loss_mean: jax.Array = None
 
 
 def inference_params(state: TrainState):
@@ -40,8 +46,10 @@ def _init_fn(task, tx, seed: int, batch_size: int, ema: bool):
         rng = jax.random.PRNGKey(seed)
         batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in task.abstract_batch(batch_size).items()}
         params = init_params(task, jax.random.fold_in(rng, 0), batch)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.fold_in(rng, 1), ema=params if ema else None)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.fold_in(rng, 1),
+                          ema=params if ema else None, skipped_steps=zero, bad_streak=zero,
+                          loss_mean=jnp.zeros((), jnp.float32))
     return init
 
 

@@ -1,6 +1,7 @@
 """Tests for fmjax.data.sources: the pydoc corpus, local files as TFDS, and input errors."""
 
 import json
+import re
 
 import ml_collections
 import pytest
@@ -112,11 +113,84 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
 
 
+@pytest.mark.parametrize("line, message", [
+    ('{"text": 7}', "field 'text' (data.text_field) is a number, not a string"),
+    ('{"text": null}', "field 'text' (data.text_field) is null, not a string"),
+    ('["text"]', "has no field data.text_field='text'; the line is an array, not an object"),
+    ('"text"', "has no field data.text_field='text'; the line is a string, not an object"),
+])
+def test_jsonl_wrong_types_name_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f'{{"text": "fine"}}\n{line}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: {message}")):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
+
+
 def test_non_utf8_text_names_file_and_line(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("first line\ncaf\u00e9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=f"{path}:2: not valid UTF-8"):
         sources.validate(make_config(tmp_path, source="text", path=str(path)))
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "ok"}\n\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}:3: not valid UTF-8 .*at byte offset 13 of the line"):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
+
+
+def test_empty_file_or_directory_as_data_path(tmp_path):
+    for source, name in (("text", "empty.txt"), ("jsonl", "empty.jsonl")):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(ValueError, match="contains no documents .the file is empty or blank"):
+            sources.validate(make_config(tmp_path, source=source, path=str(tmp_path / name)))
+    with pytest.raises(ValueError, match=f"data.path='{tmp_path}' is a directory"):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(tmp_path)))
+
+
+# Malformed lines of every kind, between the good ones: lines 3, 5, 7, 9 and 11.
+BAD_LINES = ['{"text": oops}', '{"body": "no text field"}', '{"text": ["not", "a string"]}',
+             '[1, 2]', '{"text": "caf\u00e9"}']
+
+
+def mixed_jsonl(path) -> None:
+    lines = [json.dumps({"text": d}).encode() for d in DOCS[:2]]
+    for bad, doc in zip(BAD_LINES, DOCS[2:]):
+        lines += [bad.encode("latin-1"), json.dumps({"text": doc}).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_skip_bad_records_reports_once_and_keeps_the_good_lines(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    mixed_jsonl(path)
+    with pytest.raises(ValueError, match=f"{path}:3: not valid JSON"):  # the default: fail at the first
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path)))
+    config = make_config(tmp_path, source="jsonl", path=str(path), skip_bad_records=True,
+                         validation_fraction=0.3)
+    sources.validate(config)
+    train, val = splits(config)  # validates again for each split
+    assert sorted(train + val) == sorted(DOCS[:2 + len(BAD_LINES)])
+    assert [line for line in capsys.readouterr().err.splitlines() if "fmjax" in line] == [
+        f"fmjax: warning: skipped 5 malformed records of {path} (first: line 3: not valid JSON "
+        "(Expecting value)); data.skip_bad_records=True"]
+
+
+def test_skip_bad_records_of_a_text_file_drops_the_lines(tmp_path, capsys):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("one\ncaf\u00e9\ntwo\n\nthree\n".encode("latin-1"))
+    docs = sources.text_documents(str(path), skipped=(skipped := sources.BadRecords()))
+    assert list(docs) == ["one\ntwo", "three"]
+    assert skipped.describe("x.txt") == ("skipped 1 malformed record of x.txt (first: line 2: not valid "
+                                         "UTF-8 (invalid continuation byte at byte offset 3 of the line))")
+    sources.validate(make_config(tmp_path, source="text", path=str(path), skip_bad_records=True))
+    assert "skipped 1 malformed record" in capsys.readouterr().err
+
+
+def test_skip_bad_records_with_no_good_line_fails(tmp_path):
+    path = tmp_path / "all_bad.jsonl"
+    path.write_text("\n".join(BAD_LINES[:4]))
+    with pytest.raises(ValueError, match=re.escape(
+            f"data.path='{path}' contains no documents (data.skip_bad_records: skipped 4 malformed "
+            f"records of {path} (first: line 1: not valid JSON (Expecting value)))")):
+        sources.validate(make_config(tmp_path, source="jsonl", path=str(path), skip_bad_records=True))
 
 
 def test_empty_validation_split_says_to_raise_fraction(tmp_path):

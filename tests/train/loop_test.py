@@ -1,5 +1,8 @@
 """The loop end to end in-process: sharded = 1 device, exact resume, real parameter sharding."""
 import json
+import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs.lm import tiny
-from fmjax.train import checkpoint, loop, state as state_lib
+from fmjax.train import checkpoint, loop, preemption, state as state_lib
 
 
 def small_config(tmp_path, **train):
@@ -114,3 +117,88 @@ def test_init_from_takes_the_parameters_of_another_run_in_a_new_layout(tmp_path)
     wrong = dict(run.abstract.params, final_norm={"scale": jax.ShapeDtypeStruct((3,), jnp.float32)})
     with pytest.raises(ValueError, match="final_norm/scale has shape"):
         checkpoint.restore_params(str(tmp_path / "source"), wrong, init)
+
+
+def poisoned(iterator, bad_steps):
+    """`iterator` with a NaN loss mask in the batches of `bad_steps` (1-based)."""
+    class Poisoned:
+        def __init__(self):
+            self.step = 0
+
+        def __next__(self):
+            batch = next(iterator)
+            self.step += 1
+            if self.step in bad_steps:
+                batch = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
+            return batch
+
+        def get_state(self):
+            return iterator.get_state()
+
+        def set_state(self, state):
+            iterator.set_state(state)
+    return Poisoned()
+
+
+def with_poisoned_data(run, bad_steps):
+    make = run.task.train_iterator
+    run.task.train_iterator = lambda *args: poisoned(make(*args), bad_steps)
+    return run
+
+
+def all_finite(workdir, step, run):
+    state, _ = checkpoint.Checkpoints(str(workdir), 5).restore(step, run.abstract)
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_non_finite_steps_are_skipped_counted_and_a_streak_stops_the_run(tmp_path):
+    config = small_config(tmp_path, steps=12, ckpt_every=2, max_bad_steps=3)
+    run = with_poisoned_data(loop.setup(config, str(tmp_path / "run")), {3, 7, 8})
+    loop.train(run)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    records = [r for r in records if "grad_norm" in r]  # training steps, not evals
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 3]
+    assert [r["bad_streak"] for r in records][6:9] == [1, 2, 0]
+    assert all(all_finite(tmp_path / "run", step, run) for step in (8, 10, 12))
+
+    run = with_poisoned_data(loop.setup(config, str(tmp_path / "diverges")), set(range(5, 13)))
+    with pytest.raises(loop.Diverged, match=r"steps 5 to 7: 3 steps in a row.*newest checkpoint is step 6"):
+        loop.train(run)
+    assert checkpoint.latest_step(str(tmp_path / "diverges")) == 6 and all_finite(tmp_path / "diverges", 6, run)
+
+
+def test_a_run_saved_on_one_mesh_restores_and_continues_on_another(tmp_path):
+    config = small_config(tmp_path, steps=3, ckpt_every=3)
+    config.mesh.update(data=2, fsdp=4, tensor=1)
+    loop.train(loop.setup(config, str(tmp_path / "run")))
+    saved, _ = checkpoint.Checkpoints(str(tmp_path / "run"), 5).restore(
+        3, loop.setup(config, str(tmp_path / "run")).abstract)
+    for mesh, devices in ((dict(data=2, fsdp=1, tensor=2), jax.devices()[:4]), (dict(data=1), jax.devices()[:1])):
+        other = small_config(tmp_path, steps=5, ckpt_every=5)
+        other.mesh.update(**mesh)
+        run = loop.setup(other, str(tmp_path / "run"), devices)
+        restored, _ = checkpoint.Checkpoints(str(tmp_path / "run"), 5).restore(3, run.abstract)
+        jax.tree.map(np.testing.assert_array_equal, restored.params, saved.params)
+        jax.tree.map(np.testing.assert_array_equal, restored.opt_state, saved.opt_state)
+        kernel = restored.params["layers"]["mlp"]["wi_gate"]["kernel"]
+        assert kernel.sharding.mesh.shape == run.mesh.shape
+        workdir = tmp_path / f"continued-{len(devices)}"
+        shutil.copytree(tmp_path / "run", workdir)
+        loop.train(loop.setup(other, str(workdir), devices))  # resumes at 3 on the new mesh
+        assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
+
+
+def test_sigterm_saves_the_current_step_and_the_resume_is_exact(tmp_path):
+    config = small_config(tmp_path, steps=10, ckpt_every=4)
+    loop.train(loop.setup(config, str(tmp_path / "full")))
+
+    def preempt_at_6(step, state, metrics):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(preemption.Preempted, match="saved step 6"):
+        loop.train(loop.setup(config, str(tmp_path / "resumed")), hooks=[preempt_at_6])
+    assert checkpoint.latest_step(str(tmp_path / "resumed")) == 6
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the loop's handler is gone again
+    loop.train(loop.setup(config, str(tmp_path / "resumed")))
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")

@@ -126,3 +126,41 @@ def test_ema_follows_the_warmed_up_recurrence_and_params_are_unchanged_by_it():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), state.ema, expected)
     assert state_lib.inference_params(state) is state.ema
     assert plain_state.ema is None and state_lib.inference_params(plain_state) is plain_state.params
+
+
+def bitwise_equal(a, b):
+    return all(np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_a_non_finite_step_leaves_params_and_optimizer_state_bitwise_unchanged():
+    config = tiny_config()
+    _, state, step = make(config)
+    state, _ = step(state, random_batch(config, seed=0))  # a real step first: moments are non-zero
+    after = state
+    for streak, poison in enumerate((np.nan, np.inf), 1):
+        bad = random_batch(config, seed=streak)
+        bad["loss_mask"] = bad["loss_mask"].at[2, 5].set(poison)  # a NaN / Inf loss and gradients
+        after, metrics = step(after, bad)
+        assert not np.isfinite(metrics["loss"])
+        assert bitwise_equal(after.params, state.params) and bitwise_equal(after.opt_state, state.opt_state)
+        assert int(after.step) == int(state.step) + streak  # the batch is consumed; the RNG moves on
+        assert (int(metrics["skipped_steps"]), int(metrics["bad_streak"])) == (streak, streak)
+        assert float(after.loss_mean) == float(state.loss_mean)
+    after, metrics = step(after, random_batch(config, seed=3))  # a good step applies and ends the streak
+    assert not bitwise_equal(after.params, state.params)
+    assert (int(metrics["skipped_steps"]), int(metrics["bad_streak"])) == (2, 0)
+
+
+def test_a_loss_spike_is_skipped_when_spike_factor_is_set():
+    config = tiny_config()
+    task, state, _ = make(config)
+    tx = optim.optimizer(config)
+    step = jax.jit(step_lib.make_train_step(task, tx, optim.schedule(config), 1, spike_factor=2.0))
+    state = state.replace(step=jnp.int32(100), loss_mean=jnp.float32(1 - 0.99 ** 100))  # mean loss 1.0
+    after, metrics = step(state, random_batch(config))  # an untrained model: loss ~ log(64) = 4.2 > 2 x 1.0
+    assert float(metrics["loss"]) > 2 and int(metrics["skipped_steps"]) == 1
+    assert bitwise_equal(after.params, state.params)
+    calm = state.replace(loss_mean=jnp.float32(3.0 * (1 - 0.99 ** 100)))  # mean 3.0: 4.2 is no spike
+    after, metrics = step(calm, random_batch(config))
+    assert int(metrics["skipped_steps"]) == 0 and not bitwise_equal(after.params, state.params)
