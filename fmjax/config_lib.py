@@ -2,7 +2,7 @@
 
 Every config file starts from `base_config()` and fills the family's `model`, `task` and `data`
 fields; the sections are the same everywhere (DESIGN.md): mode, seed, model, task, data, optim,
-mesh, sharding_rules, train, eval, init_from.
+mesh, sharding_rules, train, eval, serve, init_from.
 """
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import ml_collections
 
 from fmjax import sharding
 
-MODES = ("train", "eval", "sample", "embed", "chat", "export", "prepare")
+MODES = ("train", "eval", "sample", "embed", "chat", "export", "prepare", "serve")
+MU_DTYPES = ("float32", "bfloat16")  # optim.mu_dtype
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "train"  # train | eval | sample | embed (encoders) | chat (sft, preference) | export (merged params)
-    #                   | prepare (configs/data/*.py: build a data pile)
+    #                   | prepare (configs/data/*.py: build a data pile) | serve (an HTTP API, see c.serve)
     c.seed = 0
     c.init_from = ""  # a workdir or checkpoints/<step> directory to take parameters from
     c.model = ml_collections.ConfigDict()
@@ -32,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0  # global gradient norm clip; 0 disables
+    # dtype of Adam's first moment (optax mu_dtype): bfloat16 halves its memory. The second moment
+    # stays float32: bfloat16 would round away b2's small per-step changes (b2 = 0.999: 0.1%).
+    c.optim.mu_dtype = "float32"  # float32 | bfloat16
     # LoRA (fmjax/peft/lora.py): train low-rank adapters of the targeted kernels, base frozen.
     c.optim.lora = ml_collections.ConfigDict()
     c.optim.lora.rank = 0  # 0: LoRA off (every parameter trains)
@@ -80,6 +84,24 @@ def base_config() -> ml_collections.ConfigDict:
     # Model card (DIR/MODEL_CARD.md): "" takes the task family's default text.
     c.eval.intended_use = ""
     c.eval.limitations = ""
+
+    # mode=serve (fmjax/infer/server.py): the newest checkpoint of the workdir behind an
+    # OpenAI-compatible HTTP API (completions, chat completions, embeddings for encoders).
+    c.serve = ml_collections.ConfigDict()
+    c.serve.host = "127.0.0.1"  # 0.0.0.0: every interface
+    c.serve.port = 8000
+    c.serve.model_name = "fmjax"  # the `model` requests name, and /v1/models lists
+    c.serve.max_batch_size = 8  # rows (prompts; embeddings: requests) run together
+    c.serve.max_wait_ms = 5.0  # a batch that is not full waits for more until its oldest row has waited this long
+    c.serve.max_queue = 256  # rows waiting for a batch; a request that does not fit is answered 429 at once
+    c.serve.timeout_s = 60.0  # per request, waiting included; past it 504 (a stream ends with an error event)
+    c.serve.max_tokens = 256  # the largest max_tokens a request may ask for (chat's default)
+    c.serve.max_prompt_tokens = 1024  # longer prompts (chat: the templated conversation) are answered 400
+    c.serve.api_key = ""  # non-empty: /v1/* requests need the header "Authorization: Bearer <api_key>"
+    # Terms (whole words, case-insensitive; phrases allowed) that a prompt must not contain (400)
+    # and at which a completion is cut (finish_reason "content_filter"). A tuple, so the command
+    # line can set it: --config.serve.blocklist="('foo', 'bar baz')".
+    c.serve.blocklist = ()
     return c
 
 
@@ -90,7 +112,7 @@ def steps(value: float, total_steps: int) -> int:
 
 # Tuple fields of every config that hold strings: `--config.eval.tasks=cloze` reads as ('cloze',),
 # but `--config.eval.tasks="(1, 2)"` as numbers, which would fail deep inside the run.
-_STRING_TUPLES = ("optim.lora.targets", "eval.tasks", "eval.datasets")
+_STRING_TUPLES = ("optim.lora.targets", "eval.tasks", "eval.datasets", "serve.blocklist")
 
 
 def _check_string_tuples(config) -> None:
@@ -114,6 +136,28 @@ def _check_optim(optim) -> None:
     for field in ("eps", "weight_decay", "clip_norm"):
         if not optim[field] >= 0:
             raise ValueError(f"optim.{field}={optim[field]} must be >= 0")
+    if optim.mu_dtype not in MU_DTYPES:
+        raise ValueError(f"optim.mu_dtype={optim.mu_dtype!r}; valid: {list(MU_DTYPES)}")
+
+
+def _check_serve(serve) -> None:
+    if not isinstance(serve.host, str) or not serve.host:
+        raise ValueError(f"serve.host={serve.host!r} must be a host name or address, e.g. 127.0.0.1")
+    if not 1 <= serve.port <= 65535:
+        raise ValueError(f"serve.port={serve.port} must be in [1, 65535]")
+    if not serve.model_name or not isinstance(serve.model_name, str):
+        raise ValueError(f"serve.model_name={serve.model_name!r} must be a non-empty string")
+    for field in ("max_batch_size", "max_queue", "max_tokens", "max_prompt_tokens"):
+        if serve[field] < 1:
+            raise ValueError(f"serve.{field}={serve[field]} must be >= 1")
+    if serve.max_queue < serve.max_batch_size:
+        raise ValueError(f"serve.max_queue={serve.max_queue} must be >= serve.max_batch_size={serve.max_batch_size}")
+    if not serve.max_wait_ms >= 0:
+        raise ValueError(f"serve.max_wait_ms={serve.max_wait_ms} must be >= 0")
+    if not serve.timeout_s > 0:
+        raise ValueError(f"serve.timeout_s={serve.timeout_s} must be > 0")
+    if not isinstance(serve.api_key, str):
+        raise ValueError("serve.api_key must be a string ('' : no key)")
 
 
 def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]:
@@ -145,6 +189,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> dict[str, int]
         raise ValueError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0: no EMA)")
     _check_string_tuples(config)
     _check_optim(config.optim)
+    _check_serve(config.serve)
     from fmjax.peft import lora  # local: keeps this module's import light
     lora.LoraConfig.from_config(config)
     if not 0 <= config.optim.warmup < config.train.steps:

@@ -61,15 +61,19 @@ def _check_workdir(workdir: str) -> None:
 
 
 def main(argv):
+    from fmjax import xla_flags
+    added_xla_flags = xla_flags.apply()  # first: XLA reads XLA_FLAGS once, when a backend starts
     import jax
     from absl import logging
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 brings it back
         logging.set_verbosity(logging.WARNING)
+    if added_xla_flags:
+        logging.info("GPU XLA flags added to XLA_FLAGS (FMJAX_XLA_FLAGS=0: none): %s", " ".join(added_xla_flags))
 
     from fmjax import config_lib
     from fmjax.eval import suite as eval_suite
-    from fmjax.infer import embed
+    from fmjax.infer import embed, server
     from fmjax.tasks import validate_data
     from fmjax.train import checkpoint, loop, preemption
 
@@ -117,7 +121,7 @@ def main(argv):
     except ValueError as e:
         _fail(str(e))
     modes = {"train": loop.train, "eval": loop.evaluate, "sample": loop.sample, "embed": loop.embed,
-             "chat": loop.chat, "export": loop.export}
+             "chat": loop.chat, "export": loop.export, "serve": server.serve}
     try:
         modes[config.mode](run)
     except preemption.Preempted as e:

@@ -16,7 +16,12 @@ CONFIGS = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").rglob("
 FAST = ("configs/lm/tiny.py", "configs/encoder/tiny.py", "configs/data/shared_text.py")
 
 
-@pytest.mark.parametrize("path", [p if p.endswith(FAST) else pytest.param(p, marks=pytest.mark.slow) for p in CONFIGS],
+# Sizes for benchmarks and scaling studies, checked here without a corpus or any training.
+SIZED = ("configs/lm/llama.py",)
+
+
+@pytest.mark.parametrize("path", [p if p.endswith(FAST) else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in CONFIGS if not p.endswith(SIZED)],
                          ids=lambda p: Path(p).stem)
 def test_config_trains_two_steps(tmp_path, path):
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
@@ -54,3 +59,19 @@ def test_config_trains_two_steps(tmp_path, path):
     validate_data(config)
     results = loop.train(loop.setup(config, str(tmp_path / "run"), devices))
     assert results["loss"] > 0 and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+
+
+def test_llama_sizes_validate_and_have_the_documented_parameter_counts(tmp_path):
+    from configs.lm import llama
+    from fmjax.data.tokenizer import StandInTokenizer
+    from fmjax.tasks.lm import LMTask
+    documented = {"125m": 134.1e6, "350m": 373.9e6, "1b": 1104.2e6, "3b": 3015.4e6}
+    for size in llama.SIZES:
+        config = llama.get_config(size)
+        config_lib.validate(config, jax.device_count())
+        task = LMTask(config, StandInTokenizer(config.model.vocab_size))
+        run = loop.setup(config, str(tmp_path), task=task)  # abstract: sharded shapes, no compute
+        params = sum(x.size for x in jax.tree.leaves(run.abstract.params))
+        assert params == pytest.approx(documented[size], rel=1e-3), size
+    with pytest.raises(ValueError, match="the sizes are"):
+        llama.get_config("7b")

@@ -30,13 +30,20 @@ def get_config():
     c.model.tie_embeddings = False
     c.model.rope_theta = 10_000.0
     c.model.norm_eps = 1e-6
-    c.model.dtype = "float32"  # compute dtype; parameters stay float32
+    c.model.dtype = "float32"  # compute dtype (bfloat16: mixed precision); parameters stay float32
     c.model.scan_layers = True
-    c.model.remat = "none"  # none | full | save_dots
-    c.model.attention = "xla"  # xla | cudnn (GPU)
+    # What the backward pass keeps of each layer (the rest is recomputed): none (no remat) | full
+    # (the layer's input only) | save_dots (matmul outputs) | save_dots_and_context (and attention outputs)
+    c.model.remat = "none"
+    # xla | cudnn: cuDNN flash attention on GPUs with bfloat16 / float16 compute; elsewhere (or where
+    # cuDNN cannot take the shapes) XLA's, with the reason logged once (fmjax/nn/attention.py)
+    c.model.attention = "xla"
 
     c.task.name = "lm"
     c.task.z_loss = 1e-4  # coefficient of log(Z)^2, keeps logits from drifting
+    # > 0: the output projection and loss run this many positions at a time, so the float32 logits of
+    # the whole batch (B x L x V) never exist, in the backward pass either; must divide data.seq_len
+    c.task.loss_chunk = 0
     c.task.sample_prompts = ("The for statement", "A class definition", "Exceptions are")  # a tuple: overridable
     c.task.sample_tokens = 48
     c.task.sample_temperature = 0.7  # 0: greedy

@@ -32,6 +32,7 @@ def get_config():
 
     c.task.name = "sft"
     c.task.z_loss = 1e-4
+    c.task.loss_chunk = 0  # > 0: the loss projects this many positions at a time (configs/lm/tiny.py)
     c.task.sample_prompts = ("What is a polygon?", "Why is the sky blue?", "Who wrote Hamlet?")
     c.task.sample_tokens = 64
     c.task.sample_temperature = 0.0  # greedy replies

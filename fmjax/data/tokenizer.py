@@ -105,6 +105,14 @@ class Tokenizer:
         return f"Tokenizer({self.path}, vocab_size={self.vocab_size})"
 
 
+class StandInTokenizer:
+    """What an LM task needs of a tokenizer to train on synthetic batches (benchmarks, shape checks):
+    `vocab_size` made-up tokens of one byte each."""
+
+    def __init__(self, vocab_size: int):
+        self.token_bytes = np.ones(vocab_size, np.int32)
+
+
 def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
     """The tokenizer travels with the workdir: the run's own copy, else trained/loaded and copied in."""
     own = os.path.join(workdir, WORKDIR_FILE)

@@ -144,12 +144,15 @@ def prefill(model, params, tokens_BxP, prompt_len_B, requests: Requests, *, new_
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("state",))
-def decode(model, params, state: DecodeState, requests: Requests) -> DecodeState:
-    """One model step per token under lax.while_loop, until every row is done or N tokens are drawn."""
+def decode(model, params, state: DecodeState, requests: Requests, until=None) -> DecodeState:
+    """One model step per token under lax.while_loop, until every row is done or N tokens are drawn
+    (or `until` tokens, when given: the server decodes in chunks and hands out each row's tokens
+    between them; a traced number, so every chunk runs one compiled loop)."""
     budget = state.tokens_BxN.shape[1]
+    limit = budget if until is None else jnp.minimum(until, budget)
 
     def running(state):
-        return (state.step < budget) & ~jnp.all(state.done_B)
+        return (state.step < limit) & ~jnp.all(state.done_B)
 
     def step(state):
         position_Bx1 = (state.prompt_len_B + state.step - 1)[:, None]
@@ -164,6 +167,10 @@ def decode(model, params, state: DecodeState, requests: Requests) -> DecodeState
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def _pow2_bucket(n: int) -> int:
+    return max(LENGTH_BUCKET, 1 << max(n - 1, 0).bit_length())
 
 
 def batch_rows(n: int) -> int:
@@ -204,20 +211,36 @@ def row_keys(seed, n: int) -> np.ndarray:
 def stop_array(stop_ids: Sequence[Sequence[int]], rows: int) -> np.ndarray:
     """rows x S x M: every row gets the same stop sequences, right-aligned, -1 filled; S and M are
     rounded up to multiples of STOP_BUCKET, so a few short stop sequences compile one shape."""
-    stop_ids = [list(s) for s in stop_ids]
-    if any(not s for s in stop_ids):
-        raise ValueError(f"stop_ids: every stop sequence needs at least one token, got {stop_ids}")
-    longest = _round_up(max([len(s) for s in stop_ids] + [1]), STOP_BUCKET)
-    stops_SxM = np.full((_round_up(max(len(stop_ids), 1), STOP_BUCKET), longest), -1, np.int32)
-    for i, s in enumerate(stop_ids):
-        stops_SxM[i, longest - len(s):] = s
-    return np.broadcast_to(stops_SxM, (rows, *stops_SxM.shape)).copy()
+    return row_stop_array([stop_ids] * rows, rows)
+
+
+def row_stop_array(row_stop_ids: Sequence[Sequence[Sequence[int]]], rows: int) -> np.ndarray:
+    """rows x S x M as stop_array, with each row's own stop sequences (rows past the list get none)."""
+    row_stop_ids = [[list(s) for s in stops] for stops in row_stop_ids]
+    flat = [s for stops in row_stop_ids for s in stops]
+    if any(not s for s in flat):
+        raise ValueError(f"stop_ids: every stop sequence needs at least one token, got {row_stop_ids}")
+    longest = _round_up(max([len(s) for s in flat] + [1]), STOP_BUCKET)
+    stops_BxSxM = np.full((rows, _round_up(max([len(s) for s in row_stop_ids] + [1]), STOP_BUCKET), longest),
+                          -1, np.int32)
+    for r, stops in enumerate(row_stop_ids):
+        for i, s in enumerate(stops):
+            stops_BxSxM[r, i, longest - len(s):] = s
+    return stops_BxSxM
 
 
 def prepare_batch(prompts, *, max_new_tokens, eos_id: int | None, pad_id: int, temperature=0.0, top_k=0,
-                  top_p=1.0, seed=0, stop_ids=()):
-    """(tokens_BxP left-padded, prompt_len_B, Requests, N) for prefill / decode; ValueError names a bad argument."""
+                  top_p=1.0, seed=0, stop_ids=(), row_stop_ids=None, pow2_lengths: bool = False):
+    """(tokens_BxP left-padded, prompt_len_B, Requests, N) for prefill / decode; ValueError names a bad argument.
+
+    row_stop_ids: one list of stop sequences per prompt, instead of stop_ids for every prompt.
+    pow2_lengths: P and N rounded up to powers of two (at least LENGTH_BUCKET), not to multiples of
+    LENGTH_BUCKET: a server that sees every length compiles a few shapes only.
+    """
     n = len(prompts)
+    if row_stop_ids is not None and len(row_stop_ids) != n:
+        raise ValueError(f"row_stop_ids: expected one list of stop sequences per prompt ({n}), "
+                         f"got {len(row_stop_ids)}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: every prompt needs at least one token (e.g. bos)")
     max_new = per_row(max_new_tokens, n, "max_new_tokens", np.int32)
@@ -231,9 +254,10 @@ def prepare_batch(prompts, *, max_new_tokens, eos_id: int | None, pad_id: int, t
         if not valid.all():
             raise ValueError(f"{name}={values[~valid].tolist()}: must be {rule}")
     rows = batch_rows(n)
+    bucket = _pow2_bucket if pow2_lengths else functools.partial(_round_up, multiple=LENGTH_BUCKET)
     prompt_len = np.zeros(rows, np.int32)
     prompt_len[:n] = [len(p) for p in prompts]
-    tokens = np.full((rows, _round_up(int(prompt_len.max()), LENGTH_BUCKET)), pad_id, np.int32)
+    tokens = np.full((rows, bucket(int(prompt_len.max()))), pad_id, np.int32)
     for r, p in enumerate(prompts):
         tokens[r, tokens.shape[1] - len(p):] = p
 
@@ -244,8 +268,8 @@ def prepare_batch(prompts, *, max_new_tokens, eos_id: int | None, pad_id: int, t
         temperature_B=padded(temperature, 0), top_k_B=padded(top_k, 0), top_p_B=padded(top_p, 1),
         key_B=np.concatenate([row_keys(seed, n), np.zeros((rows - n, 2), np.uint32)]),
         max_new_B=padded(max_new, 0), eos_B=np.full(rows, -1 if eos_id is None else eos_id, np.int32),
-        stops_BxSxM=stop_array(stop_ids, rows))
-    return tokens, prompt_len, requests, _round_up(max(int(max_new.max()), 1), LENGTH_BUCKET)
+        stops_BxSxM=stop_array(stop_ids, rows) if row_stop_ids is None else row_stop_array(row_stop_ids, rows))
+    return tokens, prompt_len, requests, bucket(max(int(max_new.max()), 1))
 
 
 def new_tokens_of(state: DecodeState, n: int, keep_stop: bool = False) -> list[list[int]]:
@@ -299,9 +323,17 @@ def generate(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens
                        stop_ids=[tokenizer.encode(s) for s in stop], keep_stop=True)
     texts = []
     for ids, new_ids in zip(encoded, new):
-        text = tokenizer.decode(ids[1:] + new_ids)
-        # Where the continuation starts: the prompt's own text, unless the join merged bytes.
-        start = len(os.path.commonprefix([text, tokenizer.decode(ids[1:])]))
-        text = cut_at_stop(text, start, stop)
+        text, start = decode_continuation(tokenizer, ids[1:], new_ids, stop)
         texts.append(text[start:] if continuation_only else text)
     return texts
+
+
+def decode_continuation(tokenizer, prompt_ids: Sequence[int], new_ids: Sequence[int],
+                        stop: Sequence[str] = (), prompt_text: str | None = None) -> tuple[str, int]:
+    """(prompt and continuation decoded as one text, cut at the first stop string of the
+    continuation; where the continuation starts). prompt_text: decode(prompt_ids), if known."""
+    text = tokenizer.decode(list(prompt_ids) + list(new_ids))
+    # Where the continuation starts: the prompt's own text, unless the join merged bytes.
+    prompt_text = tokenizer.decode(prompt_ids) if prompt_text is None else prompt_text
+    start = len(os.path.commonprefix([text, prompt_text]))
+    return cut_at_stop(text, start, stop), start

@@ -1,7 +1,10 @@
 """DecoderLM: a Llama-style causal language model (pure flax.linen; no mesh, files or optimizer).
 
 Token embedding, pre-RMSNorm blocks of grouped-query attention with RoPE and a SwiGLU MLP,
-optional tied output embedding, layers scanned or unrolled, remat policy per config.
+optional tied output embedding, layers scanned or unrolled, remat policy per config
+(REMAT_POLICIES: what the backward pass keeps of each block's forward; the rest is recomputed).
+`hidden_only=True` stops before the output projection, which output_logits then applies from the
+parameters to any slice of the hidden states (a loss can project a few positions at a time).
 Generation: `decode=True` runs the layers against a KV cache (the "cache" collection, see
 fmjax.nn.attention and init_cache); fmjax.infer.generate drives it.
 Shapes: B batch, L sequence, T cache slots, D model width, V vocabulary.
@@ -14,16 +17,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax.nn.attention import IMPLEMENTATIONS, Attention
+from fmjax.nn.attention import CONTEXT, IMPLEMENTATIONS, Attention
 from fmjax.nn.embed import token_embedding
 from fmjax.nn.mlp import SwiGLU
 from fmjax.nn.norm import RMSNorm
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,  # no remat: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only each block's input is kept
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
+    # ... and the attention output, so the backward pass recomputes the scores but not the
+    # context (MaxText's minimal_with_context)
+    "save_dots_and_context": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(CONTEXT)),
 }
 
 
@@ -118,8 +126,10 @@ class DecoderLM(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False):
-        """Returns float32 logits B x L x V.
+    def __call__(self, inputs_BxL, positions_BxL=None, segment_ids_BxL=None, decode: bool = False,
+                 hidden_only: bool = False):
+        """Returns float32 logits B x L x V (hidden_only: the final-normed hidden states B x L x D, in
+        the compute dtype, that output_logits projects).
 
         decode=True (apply with mutable=["cache"] and a cache from init_cache): the L tokens are
         the next ones of each row; their keys and values join the cache at its current slots and
@@ -150,15 +160,32 @@ class DecoderLM(nn.Module):
                 x_BxLxD, _ = block(cfg, decode, name=f"layers_{i}")(x_BxLxD, positions_BxL, segment_ids_BxL)
 
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxLxD)
-        if cfg.tie_embeddings:
-            logits_BxLxV = embed.attend(x_BxLxD)
-        else:
-            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-            logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                                    kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")),
-                                    name="lm_head")(x_BxLxD)
-        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_seq", "act_vocab"))
-        return logits_BxLxV.astype(jnp.float32)
+        if hidden_only:
+            return x_BxLxD
+        return _project(embed if cfg.tie_embeddings else _lm_head(cfg, "lm_head"), x_BxLxD)
+
+
+def _lm_head(cfg: DecoderConfig, name: str | None = None) -> nn.Dense:
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32,
+                    kernel_init=nn.with_logical_partitioning(init, ("embed", "vocab")), name=name)
+
+
+def _project(head: nn.Module, x_BxLxD):
+    """Logits of the output projection `head`: the tied embedding table, or the lm_head kernel."""
+    logits_BxLxV = head.attend(x_BxLxD) if isinstance(head, nn.Embed) else head(x_BxLxD)
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_seq", "act_vocab"))
+    return logits_BxLxV.astype(jnp.float32)
+
+
+def output_logits(cfg: DecoderConfig, params: dict, x_BxLxD):
+    """DecoderLM's output projection of hidden states (from hidden_only=True, or any slice of them):
+    float32 logits B x L x V, computed exactly as the model computes them."""
+    if cfg.tie_embeddings:
+        head, head_params = token_embedding(cfg.vocab_size, cfg.width, DTYPES[cfg.dtype]), params["embed"]
+    else:
+        head, head_params = _lm_head(cfg), params["lm_head"]
+    return head.apply({"params": head_params}, x_BxLxD, method=_project)
 
 
 def init_cache(model: DecoderLM, batch_size: int, length: int) -> dict:

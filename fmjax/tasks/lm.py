@@ -2,7 +2,14 @@
 
 Loss normalisation is by tokens: the task returns sums and the step divides by the total number
 of loss tokens of the whole (accumulated) batch, so packing, padding and masks weigh every real
-token equally. Shapes: B batch, L sequence, V vocabulary.
+token equally.
+
+task.loss_chunk = C > 0 never holds the float32 logits of the whole batch: the model stops at
+its hidden states, and the output projection, log-softmax and cross-entropy run C positions at a
+time (lax.map over L / C chunks of B x C x V logits), each chunk rematerialised, so the backward
+pass recomputes one chunk's logits at a time too. Same losses and gradients up to float32
+rounding; it pays one more output projection per step for B x C x V instead of B x L x V floats.
+Shapes: B batch, L sequence, C chunk, N chunks (L / C), D model width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import numpy as np
 
 from fmjax.data import pipeline, tokenizer as tokenizer_lib
 from fmjax.models import get_model
+from fmjax.models.decoder import output_logits
+
 
 def token_losses(logits_BxLxV, targets_BxL):
     """Per-token cross-entropy and log-partition (for z-loss), in float32."""
@@ -22,6 +31,24 @@ def token_losses(logits_BxLxV, targets_BxL):
     log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
     return log_z_BxL - target_logit_BxL, log_z_BxL
+
+
+def chunked_token_losses(project, hidden_BxLxD, targets_BxL, chunk: int):
+    """token_losses(project(hidden), targets), with `project` (hidden B x C x D -> logits B x C x V)
+    applied to `chunk` positions at a time; chunk must divide L."""
+    b, length, d = hidden_BxLxD.shape
+    n = length // chunk
+
+    @jax.checkpoint  # keeps only the chunk's inputs: the backward pass recomputes its logits
+    def losses(chunk_inputs):
+        x_BxCxD, targets_BxC = chunk_inputs
+        return token_losses(project(x_BxCxD), targets_BxC)
+
+    # Chunks along L keep the batch axis (sharded over data / fsdp) whole in every chunk.
+    x_NxBxCxD = jnp.swapaxes(hidden_BxLxD.reshape(b, n, chunk, d), 0, 1)
+    targets_NxBxC = jnp.swapaxes(targets_BxL.reshape(b, n, chunk), 0, 1)
+    ce_NxBxC, log_z_NxBxC = jax.lax.map(losses, (x_NxBxCxD, targets_NxBxC))
+    return tuple(jnp.swapaxes(a, 0, 1).reshape(b, length) for a in (ce_NxBxC, log_z_NxBxC))
 
 
 def packed_batch_spec(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -42,6 +69,10 @@ class LMTask:
         self.tokenizer = tokenizer
         self.seq_len = config.data.seq_len
         self.z_loss = config.task.z_loss
+        self.loss_chunk = config.task.loss_chunk
+        if self.loss_chunk < 0 or (self.loss_chunk and self.seq_len % self.loss_chunk):
+            raise ValueError(f"task.loss_chunk={self.loss_chunk} must be 0 (off) or a divisor of "
+                             f"data.seq_len={self.seq_len}")
         self.token_bytes = jnp.asarray(tokenizer.token_bytes, jnp.float32)
 
     @classmethod
@@ -55,16 +86,25 @@ class LMTask:
         return self.model.apply({"params": params}, batch["inputs"], batch["positions"],
                                 batch["segment_ids"])
 
+    def token_losses(self, params, batch):
+        """Per-token (cross-entropy, log Z) of the batch, B x L each (chunked: task.loss_chunk)."""
+        if not self.loss_chunk:
+            return token_losses(self.logits(params, batch), batch["targets"])
+        hidden_BxLxD = self.model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                        batch["segment_ids"], hidden_only=True)
+        return chunked_token_losses(lambda x_BxCxD: output_logits(self.model_config, params, x_BxCxD),
+                                    hidden_BxLxD, batch["targets"], self.loss_chunk)
+
     def loss(self, params, batch, rng):
         del rng  # the decoder has no dropout
-        ce_BxL, log_z_BxL = token_losses(self.logits(params, batch), batch["targets"])
+        ce_BxL, log_z_BxL = self.token_losses(params, batch)
         mask_BxL = batch["loss_mask"]
         ce_sum = jnp.sum(ce_BxL * mask_BxL)
         z_sum = jnp.sum(jnp.square(log_z_BxL) * mask_BxL)
         return ce_sum + self.z_loss * z_sum, {"weight": jnp.sum(mask_BxL), "loss": ce_sum, "z_loss": z_sum}
 
     def eval_sums(self, params, batch):
-        ce_BxL, _ = token_losses(self.logits(params, batch), batch["targets"])
+        ce_BxL, _ = self.token_losses(params, batch)
         mask_BxL = batch["loss_mask"]
         return {"nats": jnp.sum(ce_BxL * mask_BxL), "tokens": jnp.sum(mask_BxL),
                 "bytes": jnp.sum(self.token_bytes[batch["targets"]] * mask_BxL)}

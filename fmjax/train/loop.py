@@ -54,10 +54,12 @@ class Run:
         return results
 
 
-def setup(config, workdir: str, devices=None) -> Run:
+def setup(config, workdir: str, devices=None, task: Task | None = None) -> Run:
+    """The run of `config` in `workdir` on `devices` (all by default), with config's task unless `task`
+    is given (benchmarks give one built around a stand-in tokenizer)."""
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_from_config(config.sharding_rules)
-    task = build_task(config, workdir)
+    task = task or build_task(config, workdir)
     tx = optim.optimizer(config, getattr(task, "trainable", None))
     abstract, shardings = state_lib.abstract_state(task, tx, config.seed, mesh, rules,
                                                    ema=config.train.ema_decay > 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from fmjax.config_lib import steps
@@ -22,12 +23,12 @@ def _decay_mask(params):
 
 
 def optimizer(config, trainable=None) -> optax.GradientTransformation:
-    """AdamW with clipping; with `trainable` (params -> bool tree, e.g. a task's frozen base or
-    reference model), only the True leaves are updated and have optimizer state; the others get
-    zero updates and no state (optax.set_to_zero)."""
+    """AdamW with clipping, its first moment in optim.mu_dtype; with `trainable` (params -> bool
+    tree, e.g. a task's frozen base or reference model), only the True leaves are updated and have
+    optimizer state; the others get zero updates and no state (optax.set_to_zero)."""
     o = config.optim
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+    parts.append(optax.adamw(schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=jnp.dtype(o.mu_dtype),
                              weight_decay=o.weight_decay, mask=_decay_mask))
     tx = optax.chain(*parts)
     if trainable is None:

@@ -14,7 +14,6 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import lm_eval  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from lm_eval.api import registry  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -23,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from configs.lm import tiny  # noqa: E402
 from fmjax.data import sources  # noqa: E402
 from fmjax.eval import datasets, harness, lm_eval_adapter  # noqa: E402
-from fmjax.train import checkpoint, loop  # noqa: E402
+from tests import workdirs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBJECTS = ["list", "dict", "tuple", "set", "string", "integer", "float", "module", "class", "function"]
@@ -46,21 +45,7 @@ def workdir(tmp_path_factory):
     """A workdir as training leaves it (config.json, tokenizer.model, checkpoints/3), holding random
     parameters drawn in numpy: initialising through the model would compile more than the tests."""
     path = tmp_path_factory.mktemp("run")
-    config = tiny_config(tmp_path_factory.mktemp("cache"))
-    run = loop.setup(config, str(path))
-    rng = np.random.default_rng(0)
-
-    def draw(key_path, leaf):
-        value = np.ones(leaf.shape) if key_path[-1].key == "scale" else 0.2 * rng.standard_normal(leaf.shape)
-        return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
-
-    state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), run.abstract)
-    state = state.replace(params=jax.tree_util.tree_map_with_path(draw, run.abstract.params))
-    loop.write_config(config, str(path))
-    ckpts = checkpoint.Checkpoints(str(path), keep=1)
-    ckpts.save(3, state, {}, json.loads(config.to_json_best_effort()))
-    ckpts.wait()
-    ckpts.close()
+    workdirs.write_random_checkpoint(tiny_config(tmp_path_factory.mktemp("cache")), path)
     return path
 
 

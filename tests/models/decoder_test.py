@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models.decoder import DecoderConfig, DecoderLM, stack_layers, unstack_layers
+from jax.ad_checkpoint import print_saved_residuals
+
+from fmjax.models.decoder import REMAT_POLICIES, DecoderConfig, DecoderLM, output_logits, stack_layers, unstack_layers
 from fmjax.tasks.lm import token_losses
 
 CFG = DecoderConfig(vocab_size=61, width=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
@@ -57,7 +59,7 @@ def test_packed_documents_give_the_same_per_document_loss_as_unpacked():
     np.testing.assert_allclose(packed, unpacked, rtol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
+@pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
 def test_scan_layers_and_remat_give_the_same_loss_and_grads(remat):
     params, tokens = _init(CFG)
     stacked = stack_layers(params, CFG.n_layers)
@@ -72,6 +74,25 @@ def test_scan_layers_and_remat_give_the_same_loss_and_grads(remat):
     np.testing.assert_allclose(value, base, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  unstack_layers(grads, CFG.n_layers), base_grads)  # float32 reassociation
+
+
+@pytest.mark.parametrize("remat", ["save_dots", "save_dots_and_context"])
+def test_save_dots_and_context_keeps_the_attention_output_for_the_backward_pass(remat, capsys):
+    cfg = dataclasses.replace(CFG, remat=remat)  # unrolled layers: residuals keep their names
+    params, tokens = _init(cfg)
+    print_saved_residuals(lambda p: DecoderLM(cfg).apply({"params": p}, tokens).sum(), params)
+    saved = capsys.readouterr().out.count("named 'attention_context'")
+    assert saved == (cfg.n_layers if remat == "save_dots_and_context" else 0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_output_logits_of_the_hidden_states_are_the_model_logits(tie):
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie, dtype="bfloat16")
+    params, tokens = _init(cfg)
+    hidden = DecoderLM(cfg).apply({"params": params}, tokens, hidden_only=True)
+    assert hidden.shape == (*tokens.shape, cfg.width) and hidden.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(output_logits(cfg, params, hidden[:, 3:7]),
+                                  DecoderLM(cfg).apply({"params": params}, tokens)[:, 3:7])
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_logits():
