@@ -182,10 +182,11 @@ def test_a_run_saved_on_one_mesh_restores_and_continues_on_another(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, restored.opt_state, saved.opt_state)
         kernel = restored.params["layers"]["mlp"]["wi_gate"]["kernel"]
         assert kernel.sharding.mesh.shape == run.mesh.shape
-        workdir = tmp_path / f"continued-{len(devices)}"
-        shutil.copytree(tmp_path / "run", workdir)
-        loop.train(loop.setup(other, str(workdir), devices))  # resumes at 3 on the new mesh
-        assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
+        if len(devices) == 4:  # one continued run is enough; each costs a compile
+            workdir = tmp_path / "continued"
+            shutil.copytree(tmp_path / "run", workdir)
+            loop.train(loop.setup(other, str(workdir), devices))  # resumes at 3 on the new mesh
+            assert sorted(losses(workdir)) == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_saves_the_current_step_and_the_resume_is_exact(tmp_path):
